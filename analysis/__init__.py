@@ -1,0 +1,47 @@
+"""analysis: connectivity and generalization metrics of trained networks (imports ``weightspace`` only).
+
+Every metric that the literature defines in several ways takes the variant as an explicit option and
+records it (with its settings) in the result it returns. No function mutates the user's model.
+"""
+from weightspace._lazy import lazy_dir, lazy_getattr
+
+_EXPORTS = {
+    # connectivity
+    "interpolate": "analysis.connectivity",
+    "InterpolationCurve": "analysis.connectivity",
+    "layerwise_barriers": "analysis.connectivity",
+    "LayerwiseBarriers": "analysis.connectivity",
+    "train_curve": "analysis.curves",
+    "ModeCurve": "analysis.curves",
+    "plane": "analysis.curves",
+    "PlaneResult": "analysis.curves",
+    # landscapes
+    "landscape": "analysis.landscape",
+    "Landscape": "analysis.landscape",
+    "random_directions": "analysis.landscape",
+    "pca_directions": "analysis.landscape",
+    # path-norms
+    "path_norm": "analysis.pathnorm",
+    "path_norm_bound": "analysis.pathnorm",
+    # neural collapse
+    "neural_collapse": "analysis.collapse",
+    "NeuralCollapse": "analysis.collapse",
+    "CollapseTracker": "analysis.collapse",
+    # information plane
+    "information_plane": "analysis.infoplane",
+    "InformationPlane": "analysis.infoplane",
+    "InformationPlaneTracker": "analysis.infoplane",
+    "mutual_information": "analysis.infoplane",
+    # network science on NeuralGraph
+    "network_metrics": "analysis.network",
+    # sharpness and spectra
+    "hessian_eigenvalues": "analysis.sharpness",
+    "hessian_trace": "analysis.sharpness",
+    "spectral_metrics": "analysis.spectral",
+    "fit_power_law": "analysis.spectral",
+    "norm_measures": "analysis.spectral",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__dir__ = lazy_dir(_EXPORTS)

@@ -1,0 +1,1 @@
+"""viz: Plotly figures and self-contained HTML reports (imports result types only)."""

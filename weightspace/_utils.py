@@ -1,0 +1,70 @@
+"""Small shared helpers: device resolution and batch iteration over the data forms users pass."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Iterator, Optional, Tuple, Union
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DeviceLike = Union[str, torch.device, None]
+
+
+def resolve_device(device: DeviceLike = "auto") -> torch.device:
+    """Turn ``"auto"``, ``None``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a device into a ``torch.device``.
+
+    ``"auto"`` (and ``None``) picks CUDA when available, then Apple MPS, else the CPU.
+    Asking for CUDA on a machine without it raises with a next step instead of failing later.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} was requested but CUDA is not available; pass device='cpu' or 'auto'")
+    return dev
+
+
+def _to(obj: Any, device: Optional[torch.device]) -> Any:
+    if device is None:
+        return obj
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def iter_batches(data: Any, device: DeviceLike = None) -> Iterator[Tuple[Any, Any]]:
+    """Yield ``(inputs, targets)`` batches from the data forms the toolkit accepts.
+
+    ``data`` may be
+      * a pair ``(X, Y)`` of tensors: one batch;
+      * a ``torch.utils.data.DataLoader`` or any iterable of ``(inputs, targets)`` pairs;
+      * an iterable of bare input tensors (targets are then ``None``).
+    Batches are moved to ``device`` when one is given. An empty iterable raises ``ValueError``.
+    """
+    dev = None if device is None else resolve_device(device)
+    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
+        if data[0].shape[0] == 0:
+            raise ValueError("data is empty: the input tensor has 0 rows")
+        yield _to(data[0], dev), _to(data[1], dev)
+        return
+    if torch.is_tensor(data):
+        raise TypeError("pass data as a pair (inputs, targets) or a DataLoader, not a bare tensor")
+    n = 0
+    for batch in data:
+        n += 1
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            yield _to(batch[0], dev), _to(batch[1], dev)
+        else:
+            yield _to(batch, dev), None
+    if n == 0:
+        raise ValueError("data is empty: the iterable yielded no batch")
