@@ -301,7 +301,11 @@ class PermutationSpec:
                 return None
             return Axis(lay.kind, lay.size, parts=parts)
 
-        axes = {k: tuple(strip(l) for l in v) for k, v in self.axes.items()}
+        def top(lay: Layout) -> Layout:
+            lay = strip(lay)
+            return None if lay is not None and lay.kind == "fixed" else lay
+
+        axes = {k: tuple(top(l) for l in v) for k, v in self.axes.items()}
         return self._rebuilt({g: n for g, n in self.groups.items() if g not in drop}, axes, "without")
 
     def rename(self, mapping: Mapping[str, str]) -> "PermutationSpec":

@@ -1182,7 +1182,14 @@ def _build_spec(tr: DimTrace, by_id, tensors, persistent) -> PermutationSpec:
             parts = tuple(resolve(c, key, ax, path + (i,)) for i, c in enumerate(children))
             if all(p.kind == "fixed" for p in parts):
                 return Axis.fixed(size)
-            return Axis(kind, size, parts=parts)
+            merged: List[Axis] = []
+            for p in parts:  # adjacent fixed parts read better as one: (c x ~4 x ~4) -> (c x ~16)
+                if merged and p.kind == "fixed" and merged[-1].kind == "fixed":
+                    n = merged[-1].size * p.size if kind == "product" else merged[-1].size + p.size
+                    merged[-1] = Axis.fixed(n)
+                else:
+                    merged.append(p)
+            return Axis(kind, size, parts=tuple(merged))
         if uf.fixed[r] or size <= 1:
             return Axis.fixed(size)
         return Axis.group(name_for(r, key, ax, path), size)
