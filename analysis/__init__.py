@@ -9,6 +9,7 @@ _EXPORTS = {
     # connectivity
     "interpolate": "analysis.connectivity",
     "InterpolationCurve": "analysis.connectivity",
+    "Barrier": "analysis.connectivity",
     "layerwise_barriers": "analysis.connectivity",
     "LayerwiseBarriers": "analysis.connectivity",
     "train_curve": "analysis.curves",
@@ -16,15 +17,19 @@ _EXPORTS = {
     "plane": "analysis.curves",
     "PlaneResult": "analysis.curves",
     # landscapes
-    "landscape": "analysis.landscape",
-    "Landscape": "analysis.landscape",
-    "random_directions": "analysis.landscape",
-    "pca_directions": "analysis.landscape",
+    "landscape": "analysis.landscapes",
+    "Landscape": "analysis.landscapes",
+    "random_directions": "analysis.landscapes",
+    "pca_directions": "analysis.landscapes",
+    "PCADirections": "analysis.landscapes",
     # path-norms
     "path_norm": "analysis.pathnorm",
     "path_norm_bound": "analysis.pathnorm",
+    "PathNorm": "analysis.pathnorm",
+    "PathNormBound": "analysis.pathnorm",
     # neural collapse
     "neural_collapse": "analysis.collapse",
+    "neural_collapse_of": "analysis.collapse",
     "NeuralCollapse": "analysis.collapse",
     "CollapseTracker": "analysis.collapse",
     # information plane
@@ -32,14 +37,20 @@ _EXPORTS = {
     "InformationPlane": "analysis.infoplane",
     "InformationPlaneTracker": "analysis.infoplane",
     "mutual_information": "analysis.infoplane",
+    "entropy": "analysis.infoplane",
     # network science on NeuralGraph
     "network_metrics": "analysis.network",
     # sharpness and spectra
     "hessian_eigenvalues": "analysis.sharpness",
     "hessian_trace": "analysis.sharpness",
+    "HessianEigen": "analysis.sharpness",
+    "HessianTrace": "analysis.sharpness",
     "spectral_metrics": "analysis.spectral",
     "fit_power_law": "analysis.spectral",
     "norm_measures": "analysis.spectral",
+    "SpectralMetrics": "analysis.spectral",
+    "PowerLawFit": "analysis.spectral",
+    "NormMeasures": "analysis.spectral",
 }
 
 __all__ = sorted(_EXPORTS)
