@@ -82,14 +82,42 @@ class Feat:
 
 @dataclass
 class EdgeBlock:
+    """Edges from ``src_layer`` to ``dst_layer``. ``src``/``dst`` index units within the layers; a
+    complete bipartite block (``dense = (n_out, n_in, groups)``) leaves them implicit: edge
+    ``o * n_in + i`` joins input ``i`` (offset by its group) to output ``o``."""
+
     src_layer: int
     dst_layer: int
     kind: str
-    src: torch.Tensor  # (E,) node index within the source layer
-    dst: torch.Tensor  # (E,) node index within the destination layer
+    src: Optional[torch.Tensor]  # (E,) node index within the source layer
+    dst: Optional[torch.Tensor]  # (E,) node index within the destination layer
     values: Optional[torch.Tensor] = None  # (E, k) or None for value-1 structural edges
     key: Optional[str] = None
-    entries: Optional[torch.Tensor] = None  # values.reshape(-1)[t] == param.reshape(-1)[entries[t]]
+    entries: Any = None  # values.reshape(-1)[t] == param.reshape(-1)[entries[t]] (a LongTensor or a slice)
+    dense: Optional[Tuple[int, int, int]] = None
+
+    @property
+    def num(self) -> int:
+        return self.dense[0] * self.dense[1] if self.dense else int(self.src.numel())
+
+    def fill_index(self, out_src: torch.Tensor, out_dst: torch.Tensor, src_off: int, dst_off: int) -> None:
+        """Write global source/target node ids into the (E,) views ``out_src``/``out_dst``."""
+        if self.dense is None:
+            out_src.copy_(self.src + src_off)
+            out_dst.copy_(self.dst + dst_off)
+            return
+        n_out, n_in, groups = self.dense
+        o = torch.arange(n_out).unsqueeze(1)
+        src = torch.arange(n_in).unsqueeze(0) + src_off
+        if groups > 1:  # grouped conv: input unit = group * (C_in / g) + i
+            src = src + (o // (n_out // groups)) * n_in
+        out_src.view(n_out, n_in).copy_(src.expand(n_out, n_in))
+        out_dst.view(n_out, n_in).copy_((o + dst_off).expand(n_out, n_in))
+
+    def endpoints(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        s, d = torch.empty(self.num, dtype=torch.long), torch.empty(self.num, dtype=torch.long)
+        self.fill_index(s, d, 0, 0)
+        return s, d
 
 
 @dataclass
@@ -179,14 +207,12 @@ class GraphTrace(TorchFunctionMode):
         perm = [out_axis, in_axis] + [a for a in range(w.dim()) if a not in (out_axis, in_axis)]
         n_out, n_in = w.shape[out_axis], w.shape[in_axis] // inner
         k = w.numel() // max(n_out * n_in, 1)
-        base = torch.arange(w.numel()).reshape(w.shape)
-        entries = base.permute(perm).reshape(-1) + offset
-        o = torch.arange(n_out).repeat_interleave(n_in)
-        i = torch.arange(n_in).repeat(n_out)
-        if groups > 1:  # grouped conv: input unit = group * (C_in / g) + i
-            i = i + (o // (n_out // groups)) * n_in
-        vals = w.detach().permute(perm).reshape(n_out * n_in, k).clone()
-        self.add_edges(EdgeBlock(src_l, dst_l, kind, i, o, vals, key, entries))
+        if perm == list(range(w.dim())):  # storage order already is edge order
+            entries: Any = slice(offset, offset + w.numel())
+        else:
+            entries = torch.arange(w.numel()).reshape(w.shape).permute(perm).reshape(-1) + offset
+        vals = w.detach().permute(perm).reshape(n_out * n_in, k)  # a view: copied once into the graph
+        self.add_edges(EdgeBlock(src_l, dst_l, kind, None, None, vals, key, entries, dense=(n_out, n_in, groups)))
 
     def node_feature(self, key: str, p: torch.Tensor, layer: int, axis: int, name: str, offset: int = 0) -> None:
         if p.shape[axis] != self.layers[layer].size:
@@ -194,7 +220,10 @@ class GraphTrace(TorchFunctionMode):
         perm = [axis] + [a for a in range(p.dim()) if a != axis]
         n = p.shape[axis]
         vals = p.detach().permute(perm).reshape(n, -1).clone()
-        entries = torch.arange(p.numel()).reshape(p.shape).permute(perm).reshape(-1) + offset
+        if axis == 0:
+            entries: Any = slice(offset, offset + p.numel())
+        else:
+            entries = torch.arange(p.numel()).reshape(p.shape).permute(perm).reshape(-1) + offset
         self.add_node_feature(NodeFeature(layer, name, vals, key, entries))
 
     def identity_edges(self, src: int, dst: int, kind: str, src_offset: int = 0, n: Optional[int] = None) -> None:
@@ -534,7 +563,7 @@ def _h_norm(g: GraphTrace, name, args, kwargs, out):
     ar = torch.arange(size)
     if w is not None:
         key = g.key_of(w)
-        g.add_edges(EdgeBlock(f.layer, layer, "norm", ar, ar, w.detach().reshape(size, 1).clone(), key, torch.arange(size)))
+        g.add_edges(EdgeBlock(f.layer, layer, "norm", ar, ar, w.detach().reshape(size, 1).clone(), key, slice(0, size)))
     else:
         g.identity_edges(f.layer, layer, "norm")
     if b is not None:

@@ -19,6 +19,7 @@ arXiv:2403.12143).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -91,22 +92,29 @@ class NeuralGraph:
             c0, _ = self._cols[nf.name]
             self.x[l.offset:l.offset + l.size, c0:c0 + nf.values.shape[1]] = nf.values.double()
         K = max([e.values.shape[1] for e in edges if e.values is not None] + [1])
-        E = sum(e.src.numel() for e in edges)
-        self.edge_attr = torch.zeros(E, K, dtype=torch.float64)
-        self.edge_index = torch.zeros(2, E, dtype=torch.long)
-        self.edge_type = torch.zeros(E, dtype=torch.long)
-        self._edge_rows: List[Tuple[int, int]] = []
+        E = sum(e.num for e in edges)
+        dtype = torch.float32  # the widest floating dtype of the stored weights: holds each exactly
+        for e in edges:
+            if e.values is not None and e.values.is_floating_point():
+                dtype = torch.promote_types(dtype, e.values.dtype)
+        self.edge_attr = torch.empty(E, K, dtype=dtype)
+        if K > 1:
+            self.edge_attr[:, 1:].zero_()
+        self.edge_index = torch.empty(2, E, dtype=torch.long)
+        self.edge_type = torch.empty(E, dtype=torch.long)
+        self._edge_rows: List[Tuple[int, int, int]] = []
         e0 = 0
         for e in edges:
-            n = e.src.numel()
-            self.edge_index[0, e0:e0 + n] = e.src + layers[e.src_layer].offset
-            self.edge_index[1, e0:e0 + n] = e.dst + layers[e.dst_layer].offset
+            n = e.num
+            e.fill_index(self.edge_index[0, e0:e0 + n], self.edge_index[1, e0:e0 + n], layers[e.src_layer].offset, layers[e.dst_layer].offset)
             self.edge_type[e0:e0 + n] = EDGE_TYPES.index(e.kind)
+            width = 1 if e.values is None else e.values.shape[1]
             if e.values is None:
                 self.edge_attr[e0:e0 + n, 0] = 1.0
             else:
-                self.edge_attr[e0:e0 + n, :e.values.shape[1]] = e.values.double()
-            self._edge_rows.append((e0, n))
+                self.edge_attr[e0:e0 + n, :width] = e.values
+                e.values = None  # the graph holds its own copy; do not keep the model's tensors alive
+            self._edge_rows.append((e0, n, width))
             e0 += n
         self.node_layer = torch.cat([torch.full((l.size,), i, dtype=torch.long) for i, l in enumerate(layers)]) if layers else torch.zeros(0, dtype=torch.long)
         self.node_position = torch.cat([torch.arange(l.size) for l in layers]) if layers else torch.zeros(0, dtype=torch.long)
@@ -177,20 +185,19 @@ class NeuralGraph:
 
     def to_state_dict(self) -> Dict[str, torch.Tensor]:
         """Rebuild the state dict from the graph's node and edge features (exact round trip)."""
-        flat = {k: torch.empty(int(torch.tensor(shape).prod().item()) if shape else 1, dtype=torch.float64) for k, (shape, _) in self._meta.items() if k not in self.extras}
+        flat = {k: torch.empty(math.prod(shape), dtype=dtype) for k, (shape, dtype) in self._meta.items() if k not in self.extras}
         filled = {k: torch.zeros(v.numel(), dtype=torch.bool) for k, v in flat.items()}
-        for e, (e0, n) in zip(self._edges, self._edge_rows):
+        for e, (e0, n, k) in zip(self._edges, self._edge_rows):
             if e.key is None or e.key not in flat:
                 continue
-            k = e.values.shape[1]
-            flat[e.key][e.entries] = self.edge_attr[e0:e0 + n, :k].reshape(-1)
+            flat[e.key][e.entries] = self.edge_attr[e0:e0 + n, :k].reshape(-1).to(flat[e.key].dtype)
             filled[e.key][e.entries] = True
         for nf in self._node_feats:
             if nf.key is None or nf.key not in flat:
                 continue
             l = self.layers[nf.layer]
             c0, _ = self._cols[nf.name]
-            flat[nf.key][nf.entries] = self.x[l.offset:l.offset + l.size, c0:c0 + nf.values.shape[1]].reshape(-1)
+            flat[nf.key][nf.entries] = self.x[l.offset:l.offset + l.size, c0:c0 + nf.values.shape[1]].reshape(-1).to(flat[nf.key].dtype)
             filled[nf.key][nf.entries] = True
         out: Dict[str, torch.Tensor] = {}
         for key, (shape, dtype) in self._meta.items():
@@ -199,7 +206,7 @@ class NeuralGraph:
                 continue
             if not bool(filled[key].all()):
                 raise GraphError(f"the graph does not hold every entry of {key!r}; it cannot be rebuilt")
-            out[key] = flat[key].to(dtype).reshape(shape)
+            out[key] = flat[key].reshape(shape)
         return out
 
     def to_tensors(self) -> GraphTensors:
@@ -223,7 +230,7 @@ class NeuralGraph:
                 x[:, names.index(n)] = g.x[:, j]
             xs.append(x)
             eis.append(g.edge_index + off)
-            ea = torch.zeros(g.num_edges, K, dtype=torch.float64)
+            ea = torch.zeros(g.num_edges, K, dtype=g.edge_attr.dtype)
             ea[:, :g.edge_attr.shape[1]] = g.edge_attr
             eas.append(ea)
             nts.append(g.node_type)
@@ -251,8 +258,7 @@ class NeuralGraph:
             attrs.update({name: x[n][j] for j, name in enumerate(self.node_feature_names)})
             G.add_node(n, **attrs)
         ea = self.edge_attr
-        for e, (e0, n) in zip(self._edges, self._edge_rows):
-            width = e.values.shape[1] if e.values is not None else 1
+        for e, (e0, n, width) in zip(self._edges, self._edge_rows):
             vals = ea[e0:e0 + n, :width].tolist()
             src = self.edge_index[0, e0:e0 + n].tolist()
             dst = self.edge_index[1, e0:e0 + n].tolist()
@@ -285,11 +291,11 @@ class NeuralGraph:
         if l.follows is not None:
             if l.kind == "split":
                 e = next(e for e in self._edges if e.dst_layer == i and e.kind == "split")
-                lo = int(e.src.min())
+                lo = int(e.endpoints()[0].min())
                 return done[l.follows][lo:lo + l.size] - lo
             return done[l.follows]
         if l.kind == "concat":
-            parts = [(int(e.dst.min()), done[e.src_layer]) for e in self._edges if e.dst_layer == i and e.kind == "concat"]
+            parts = [(int(e.endpoints()[1].min()), done[e.src_layer]) for e in self._edges if e.dst_layer == i and e.kind == "concat"]
             return torch.cat([p + lo for lo, p in sorted(parts, key=lambda t: t[0])])
         return torch.arange(l.size)
 
