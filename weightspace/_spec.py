@@ -234,6 +234,21 @@ class PermutationSpec:
                         out[name].append((key, ax, path))
         return out
 
+    def activation_points(self, group: Optional[str] = None) -> Any:
+        """Module outputs on which a group acts, in execution order: ``{group: ((module, dim), ...)}``.
+
+        For activation-based matching (Git Re-Basin AM, ZipIt!, REPAIR): the activation of module
+        ``module`` has the group's units along axis ``dim``. Only traced specs know these points.
+        """
+        pts = self.info.get("points")
+        if pts is None:
+            raise SpecError("this spec has no activation points (it was not traced); pass module names to weightspace.features directly")
+        if group is None:
+            return dict(pts)
+        if group not in self.groups:
+            raise SpecError(f"unknown group {group!r}; the spec has {list(self.groups)}")
+        return tuple(pts.get(group, ()))
+
     def permuted_keys(self) -> List[str]:
         return [k for k, lay in self.axes.items() if any(l is not None and any(True for _ in l.groups()) for l in lay)]
 

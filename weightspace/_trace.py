@@ -212,6 +212,7 @@ class DimTrace(TorchFunctionMode):
         self.module_stack: List[str] = []
         self._module_names = module_names
         self.records: List[Tuple[str, str, List[int]]] = []  # (op, module, ids of params used)
+        self.module_outputs: List[Tuple[str, List[int]]] = []  # (module name, dim nodes of its output)
 
     # -- node helpers ---------------------------------------------------------------------------
     def register(self, t: torch.Tensor, fixed: bool) -> List[int]:
@@ -1114,9 +1115,12 @@ def trace_dims(model: torch.nn.Module, example_inputs: Any) -> Tuple[Permutation
     def pre(mod, inp):
         tr.module_stack.append(module_names.get(id(mod), type(mod).__name__))
 
-    def post(mod, inp, out):
+    def post(mod, inp, out):  # must return None: a forward hook's return value replaces the output
         if tr.module_stack:
             tr.module_stack.pop()
+        first = next((t for t in _flatten(out) if torch.is_tensor(t)), None)
+        if first is not None and id(first) in tr.nodes:
+            tr.module_outputs.append((module_names.get(id(mod), ""), list(tr.nodes[id(first)])))
 
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
@@ -1213,8 +1217,15 @@ def _build_spec(tr: DimTrace, by_id, tensors, persistent) -> PermutationSpec:
             continue
         axes[key] = tuple(lays)
         shapes[key] = tuple(t.shape)
+    points: Dict[str, List[Tuple[str, int]]] = {}
+    for module, ns in tr.module_outputs:  # where each group is an axis of a module's output
+        for dim, n in enumerate(ns):
+            g = names.get(uf.find(n))
+            if g is not None and g in groups and (module, dim) not in points.setdefault(g, []):
+                points[g].append((module, dim))
     info = {
         "source": "traced",
+        "points": {g: tuple(v) for g, v in points.items()},
         "blocked_ops": tuple(sorted(tr.blocked.items())),
         "blocked_where": dict(tr.blocked_where),
         "non_persistent": tuple(k for k in axes if k not in persistent),

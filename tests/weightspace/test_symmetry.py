@@ -522,3 +522,32 @@ def test_spec_patching():
     ws.check_spec(m, fewer, torch.randn(3, 5))
     renamed = spec.rename({"net.0": "hidden1"})
     assert "hidden1" in renamed.groups and renamed.axes["net.0.weight"][0].name == "hidden1"
+
+
+def test_activation_points_carry_the_group_permutation():
+    """At every recorded point, the permuted model's activation is the original one permuted by the
+    group along the recorded axis."""
+    torch.manual_seed(0)
+    for model, x in ((MLP(), torch.randn(6, 5)), (_randomize_norms(ResNet()), torch.randn(3, 1, 8, 8))):
+        spec = ws.permutation_spec(model, x)
+        perms = ws.random_permutation(spec, seed=4)
+        mp = ws.permute(model, spec, perms)
+        pts = spec.activation_points()
+        assert set(pts) == set(spec.groups)
+        for g, where in pts.items():
+            for module, dim in where:
+                acts = []
+                for m in (model, mp):
+                    store = {}
+                    h = dict(m.named_modules())[module].register_forward_hook(lambda mod, i, o: store.setdefault("o", o))
+                    m.eval()
+                    with torch.no_grad():
+                        m(x)
+                    h.remove()
+                    acts.append(store["o"])
+                expected = acts[0].index_select(dim, perms[g])
+                assert torch.allclose(acts[1], expected, atol=1e-5), (g, module)
+                assert not torch.allclose(acts[1], acts[0], atol=1e-5)  # negative control: it did move
+    hand = PermutationSpec.from_axes_to_perm({"net.0.weight": ("P", None)}, MLP().state_dict())
+    with pytest.raises(ws.SpecError, match="not traced"):
+        hand.activation_points()
