@@ -1,0 +1,34 @@
+"""The weightspace command: spec, graph and a small demo, through main(argv)."""
+import pytest
+
+from weightspace.cli import main
+
+
+def test_spec_prints_groups_and_checks(capsys, tmp_path):
+    out = tmp_path / "spec.json"
+    rc = main(["spec", "--model", "weightspace.zoo:MLP", "--model-kwargs", '{"hidden": [16, 8]}', "--input-shape", "2,64", "--check", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "fc.0" in text and "size    16" in text and "2 permutation groups" in text and "check_spec" in text
+    assert '"fc.0.weight"' in out.read_text()
+
+
+def test_graph_command(capsys):
+    assert main(["graph", "--model", "weightspace.zoo:VGG", "--input-shape", "2,1,8,8"]) == 0
+    assert "NeuralGraph(" in capsys.readouterr().out
+
+
+def test_bad_factory_is_one_readable_error(capsys):
+    rc = main(["spec", "--model", "weightspace.zoo:NoSuchModel", "--input-shape", "2,64"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "NoSuchModel" in err and "Traceback" not in err
+
+
+def test_small_demo_writes_report(tmp_path, capsys):
+    out = tmp_path / "demo.html"
+    rc = main(["demo", "--out", str(out), "--epochs", "2", "--width", "16", "--alphas", "5", "--grid", "5"])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.exists()
+    assert "A vs permuted A, permutation undone" in text and "loss barrier  0.0000" in text
+    assert out.read_text().count('class="plotly-graph-div"') == 3
+    assert main(["demo", "--out", str(out)]) == 2  # refuses to overwrite

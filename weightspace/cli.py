@@ -1,0 +1,206 @@
+"""The ``weightspace`` command (also ``python -m weightspace``).
+
+    weightspace demo --out demo.html                    # embedded digits: train, discover, permute, measure
+    weightspace spec --model pkg.module:factory --input-shape 1,3,32,32
+    weightspace graph --model pkg.module:factory --input-shape 1,3,32,32
+
+This is the only module of ``weightspace`` that may import the other packages (``analysis``, ``viz``)
+and the only one that prints or configures logging.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+log = logging.getLogger("weightspace.cli")
+
+
+def _parse_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"--input-shape must be comma-separated integers such as 1,3,32,32, got {text!r}")
+    if not shape or any(s < 1 for s in shape):
+        raise SystemExit(f"--input-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def _example(args) -> Any:
+    g = torch.Generator().manual_seed(args.seed)
+    shape = _parse_shape(args.input_shape)
+    if args.input_dtype == "long":
+        return torch.randint(0, args.input_high, shape, generator=g)
+    return torch.randn(shape, generator=g)
+
+
+def _build(args) -> torch.nn.Module:
+    from weightspace.io import build_model, load_into
+
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model = build_model(args.model, **kwargs)
+    if getattr(args, "checkpoint", None):
+        model = load_into(model, args.checkpoint)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_spec(args) -> int:
+    import weightspace as ws
+
+    model, x = _build(args), _example(args)
+    t = time.perf_counter()
+    spec = ws.permutation_spec(model, x)
+    took = time.perf_counter() - t
+    print(spec)
+    print(f"\n{len(spec.groups)} permutation groups found in {took:.2f} s")
+    if args.check:
+        report = ws.check_spec(model, spec, x, trials=args.trials)
+        print("check_spec: largest relative output change " + ", ".join(f"{m} {d:.2e}" for m, d in report.max_rel_diff.items()))
+    if args.json:
+        _, a2p = spec.to_rebasin()
+        Path(args.json).write_text(json.dumps({"groups": dict(spec.groups), "axes_to_perm": a2p}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    import weightspace as ws
+
+    model, x = _build(args), _example(args)
+    t = time.perf_counter()
+    g = ws.NeuralGraph.from_model(model, x)
+    print(g)
+    print(f"built in {time.perf_counter() - t:.2f} s")
+    for i, l in enumerate(g.layers[: args.max_layers]):
+        print(f"  layer {i:>3}  {l.kind:<10} {l.size:>6} units  {l.name}{'  (' + l.activation + ')' if l.activation else ''}")
+    if len(g.layers) > args.max_layers:
+        print(f"  ... {len(g.layers) - args.max_layers} more layers")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    """Train two digits MLPs, discover their symmetry, show that a permutation changes no output but
+    breaks naive interpolation, and write an offline HTML report."""
+    import analysis
+    import viz
+    import weightspace as ws
+    from weightspace import zoo
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    progress = (lambda *a: None) if args.quiet else print
+    t0 = time.perf_counter()
+    train, test = zoo.load_digits("train"), zoo.load_digits("test")
+    models, results = [], []
+    for seed in (args.seed, args.seed + 1):
+        m = zoo.MLP(64, (args.width, args.width), 10, seed=seed)
+        r = zoo.train(m, train, epochs=args.epochs, lr=1e-3, seed=seed, device=args.device, eval_data=test)
+        models.append(m)
+        results.append(r)
+        progress(f"trained MLP 64-{args.width}-{args.width}-10 (seed {seed}) in {r.seconds:.1f} s: test accuracy {r.test_accuracy:.3f}")
+    a, b = models
+    x = zoo.example_inputs(a, batch=8)
+    spec = ws.permutation_spec(a, x)
+    progress(f"\n{spec}\n")
+    check = ws.check_spec(a, spec, x)
+    perms = ws.random_permutation(spec, seed=args.seed)
+    a_perm = ws.permute(a, spec, perms)
+    with torch.no_grad():
+        same = (a.eval()(test[0]) - a_perm.eval()(test[0])).abs().max().item()
+    progress(f"check_spec: max relative output change {max(check.max_rel_diff.values()):.1e}; "
+             f"A vs permuted A on the test set: max |logit difference| {same:.1e}")
+    data = {"train": train, "test": test}
+    curve_perm = analysis.interpolate(a, a_perm, data, alphas=args.alphas)
+    curve_ab = analysis.interpolate(a, b, data, alphas=args.alphas)
+    curve_back = analysis.interpolate(a, ws.permute(a_perm, spec, ws.invert_permutation(perms)), data, alphas=args.alphas)
+    rows = [("A vs permuted A", curve_perm), ("A vs B (independent seeds)", curve_ab), ("A vs permuted A, permutation undone", curve_back)]
+    progress("\nlinear-mode-connectivity barriers on the test split (chord variant, Entezari et al. 2022):")
+    for label, c in rows:
+        bl, be = c.barrier("loss", split="test"), c.barrier("error", split="test")
+        progress(f"  {label:<40} loss barrier {bl.value:7.4f}   error barrier {be.value:7.4f}")
+    try:
+        pn_a, pn_p = analysis.path_norm(a, x, q=1), analysis.path_norm(a_perm, x, q=1)
+        progress(f"\nL1 path-norm of A {pn_a.value:.6g}; of permuted A {pn_p.value:.6g} (invariant)")
+    except Exception as exc:  # reported, not fatal: the rest of the demo does not depend on it
+        log.warning("path-norm skipped: %s", exc)
+    graph = ws.NeuralGraph.from_model(a, x)
+    progress(f"neural graph of A: {graph.num_nodes} nodes, {graph.num_edges} edges")
+    land = analysis.landscape(a, {"test": test}, grid=args.grid, dims=2, metrics=("loss",), seed=args.seed)
+    report = viz.Report("weightspace demo: permutation symmetry and mode connectivity on digits")
+    report.add_text(
+        f"Two MLPs 64-{args.width}-{args.width}-10 trained on scikit-learn digits (seeds {args.seed}, {args.seed + 1}; "
+        f"test accuracy {results[0].test_accuracy:.3f} and {results[1].test_accuracy:.3f}). "
+        f"weightspace.permutation_spec found {len(spec.groups)} groups by tracing; a random permutation of A changes "
+        f"no output (max |logit difference| {same:.1e}) but its straight line to A crosses a loss barrier."
+    )
+    report.add_text(str(spec), title="Discovered permutation spec")
+    report.add(viz.barrier_figure({label: c for label, c in rows}, metric="loss", split="test"), title="Loss along linear paths (test)")
+    report.add(viz.barrier_figure({label: c for label, c in rows}, metric="error", split="test"), title="Error along linear paths (test)")
+    report.add(viz.landscape_figure(land, metric="loss", split="test"), title="Filter-normalised 2-D loss landscape around A (Li et al. 2018)")
+    report.write(out, overwrite=args.overwrite)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="weightspace", description="Weight-space analysis and model merging.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors and the final line")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train two digits MLPs, discover the spec, permute, measure, write a report")
+    d.add_argument("--out", default="demo.html", help="HTML report to write (default demo.html)")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=int, default=20)
+    d.add_argument("--width", type=int, default=128)
+    d.add_argument("--alphas", type=int, default=25)
+    d.add_argument("--grid", type=int, default=21, help="landscape grid points per axis")
+    d.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    d.set_defaults(func=cmd_demo)
+
+    for name, func, text in (("spec", cmd_spec, "print the permutation spec discovered by tracing"), ("graph", cmd_graph, "print the neural computational graph")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--model", required=True, help="model factory as pkg.module:callable")
+        s.add_argument("--model-kwargs", default=None, help="JSON keyword arguments for the factory")
+        s.add_argument("--checkpoint", default=None, help="optional weights (.safetensors or .pt state dict)")
+        s.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,32,32")
+        s.add_argument("--input-dtype", choices=("float32", "long"), default="float32")
+        s.add_argument("--input-high", type=int, default=100, help="exclusive upper bound for --input-dtype long")
+        s.add_argument("--seed", type=int, default=0)
+        s.set_defaults(func=func)
+        if name == "spec":
+            s.add_argument("--check", action="store_true", help="also verify the spec numerically")
+            s.add_argument("--trials", type=int, default=3)
+            s.add_argument("--json", default=None, help="write groups and Git Re-Basin axes_to_perm to this file")
+        else:
+            s.add_argument("--max-layers", type=int, default=40)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # the CLI turns errors into one readable line; -vv shows the traceback
+        if args.verbose >= 2:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
