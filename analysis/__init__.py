@@ -40,6 +40,7 @@ _EXPORTS = {
     "entropy": "analysis.infoplane",
     # network science on NeuralGraph
     "network_metrics": "analysis.network",
+    "NetworkMetrics": "analysis.network",
     # sharpness and spectra
     "hessian_eigenvalues": "analysis.sharpness",
     "hessian_trace": "analysis.sharpness",
