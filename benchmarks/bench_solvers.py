@@ -1,0 +1,127 @@
+"""Benchmark of merging.solvers.linear_assignment on batches B x n x n (random uniform costs).
+
+Compares, side by side in one run: a loop of SciPy ``linear_sum_assignment`` calls (the reference),
+``linear_assignment(method="auto")``, the batched torch auction (``method="torch"``) on CPU and on CUDA
+when available, and POT's batched solver ``ot.batch.solve_batch`` (POT >= 0.9.6; it is an entropic /
+proximal-point OT solver, not an exact LAP; it is run as log-Sinkhorn with reg=1e-2 on the [0, 1] costs
+and its objective gap n<T, M> - OPT is reported relative to OPT).
+
+Usage::
+
+    python benchmarks/bench_solvers.py            # n in {64, 256, 1024}, B in {1, 16, 128}
+    python benchmarks/bench_solvers.py --quick    # n in {64, 256}, B in {1, 16}
+
+Times are the best of ``--repeat`` runs (wall clock, ``torch.set_num_threads`` as given). Combinations
+whose estimated time exceeds ``--budget`` seconds for a backend are skipped and marked ``skip``.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import tracemalloc
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+import merging.solvers as S
+
+
+POT_REG = 1e-2  # entropic reg of POT's batched log-Sinkhorn (costs are uniform in [0, 1])
+
+
+def _best(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _scipy_loop(C):
+    return np.array([C[b][linear_sum_assignment(C[b])].sum() for b in range(C.shape[0])])
+
+
+def _peak_tracemalloc(fn):
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", type=float, default=60.0, help="skip a backend predicted slower than this (s)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ns = [64, 256] if args.quick else [64, 256, 1024]
+    Bs = [1, 16] if args.quick else [1, 16, 128]
+    try:
+        import ot
+        import ot.batch  # noqa: F401
+        pot = f"ot.batch.solve_batch (POT {ot.__version__})"
+    except Exception:  # pragma: no cover - depends on the environment
+        ot, pot = None, "absent"
+    cuda = torch.cuda.is_available()
+    print(f"# machine: {platform.processor() or platform.machine()}, torch threads {args.threads}, "
+          f"CUDA {'yes: ' + torch.cuda.get_device_name() if cuda else 'no'}; POT batched: {pot}")
+    head = ("| B | n | scipy loop (s) | auto (s) | auto/scipy | torch CPU (s) | torch/scipy | fallbacks |"
+            " max rel gap torch | POT batch (s) | POT rel gap | scipy peak MiB | torch CUDA (s) | CUDA/scipy |"
+            " CUDA peak MiB |")
+    print(head)
+    print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
+    rng = np.random.default_rng(0)
+    torch_rate = None  # seconds per (B * n^2) measured on the previous run, for skip predictions
+    for n in ns:
+        for B in Bs:
+            C = rng.random((B, n, n))
+            Ct = torch.from_numpy(C)
+            t_sp = t_auto = float("inf")
+            for _ in range(args.repeat):  # interleaved, best of: the CPU is shared and noisy
+                t, ref = _best(lambda: _scipy_loop(C), 1)
+                t_sp = min(t_sp, t)
+                t, ra = _best(lambda: S.linear_assignment(C, method="auto"), 1)
+                t_auto = min(t_auto, t)
+            peak = _peak_tracemalloc(lambda: _scipy_loop(C)) / 2**20
+            assert np.allclose(ra.objective, ref, rtol=1e-12)
+            row = [str(B), str(n), f"{t_sp:.4f}", f"{t_auto:.4f}", f"{t_auto / t_sp:.2f}"]
+            pred = None if torch_rate is None else torch_rate * B * n * n * (n / 64) ** 0.5
+            if pred is not None and pred > args.budget:
+                row += ["skip", "-", "-", "-"]
+            else:
+                t_to, rt = _best(lambda: S.linear_assignment(Ct, method="torch"), 1)
+                torch_rate = t_to / (B * n * n * (n / 64) ** 0.5)
+                gap = np.max(np.abs(rt.objective.numpy() - ref) / np.abs(ref))
+                row += [f"{t_to:.3f}", f"{t_to / t_sp:.1f}", str(rt.n_fallback), f"{gap:.1e}"]
+            if ot is not None and B * n * n <= 2 ** 20:
+                Mt = torch.from_numpy(C)
+                t_pot, rp = _best(lambda: ot.batch.solve_batch(Mt, reg=POT_REG, max_iter=1000, tol=1e-5,
+                                                               method="log_sinkhorn"), 1)
+                val = n * np.asarray(rp.value_linear, dtype=float)
+                row += [f"{t_pot:.3f}", f"{np.max(np.abs(val - ref) / ref):.1e}"]
+            else:
+                row += ["skip" if ot is not None else "absent", "-"]
+            row.append(f"{peak:.1f}")
+            if cuda:
+                Cg = Ct.cuda()
+                S.linear_assignment(Cg[:1], method="torch")  # warm-up
+                torch.cuda.reset_peak_memory_stats()
+                t_cu, rc = _best(lambda: S.linear_assignment(Cg, method="torch"), args.repeat)
+                assert np.allclose(rc.objective.cpu().numpy(), ref, rtol=1e-9)
+                row += [f"{t_cu:.4f}", f"{t_cu / t_sp:.2f}", f"{torch.cuda.max_memory_allocated() / 2**20:.1f}"]
+            else:
+                row += ["n/a", "-", "-"]
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
