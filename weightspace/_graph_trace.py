@@ -182,11 +182,9 @@ class GraphTrace(TorchFunctionMode):
             f = Feat(self.new_layer(x.shape[d], "input"), (d,))
             self.feat[id(x)] = f
             self._keep.append(x)
-        if f.dims[-1] != d or (len(f.dims) > 1 and any(x.shape[a] == 1 for a in f.dims)):
-            if len(f.dims) != 1 or f.dims[0] != d:
-                # features spread over several axes (e.g. heads x head_dim) must be contiguous trailing axes
-                if tuple(range(d - len(f.dims) + 1, d + 1)) != f.dims:
-                    raise GraphError(f"{op} in {self.where()} contracts an axis that is not the feature axis")
+        # units spread over several axes (heads x head_dim) must be the contiguous axes ending at d
+        if f.dims != tuple(range(d - len(f.dims) + 1, d + 1)):
+            raise GraphError(f"{op} in {self.where()} acts on an axis that is not the feature axis of its input")
         return f
 
     def add_edges(self, block: EdgeBlock) -> None:
@@ -296,7 +294,7 @@ def _align(x: torch.Tensor, out: torch.Tensor, dims: Tuple[int, ...]) -> Tuple[i
 
 def _h_binary(g: GraphTrace, name, args, kwargs, out):
     tensors = [a for a in _flatten((args, kwargs)) if torch.is_tensor(a)]
-    feats = [(t, g.feat[id(t)]) for t in tensors if id(t) in g.feat and t.shape[-1] * 0 == 0]
+    feats = [(t, g.feat[id(t)]) for t in tensors if id(t) in g.feat]
     params = [t for t in tensors if g.key_of(t) is not None or id(t) in g.pderived]
     if not torch.is_tensor(out):
         return
@@ -347,8 +345,9 @@ def _h_reduce(g: GraphTrace, name, args, kwargs, out):
         for o in outs:
             g.set_feat(o, None, src=x, op=name)
         return
-    dim = _arg(args, kwargs, 2 if name in ("norm", "vector_norm") else 1, "dim")
-    keep = kwargs.get("keepdim", False)
+    pos = 2 if name in ("norm", "vector_norm") else 1
+    dim = _arg(args, kwargs, pos, "dim")
+    keep = bool(_arg(args, kwargs, pos + 1, "keepdim", False)) if name not in ("var", "std") else bool(kwargs.get("keepdim", False))
     red = _dims_arg(dim, x.dim()) if not (name in ("var", "std") and isinstance(dim, bool)) else list(range(x.dim()))
     if any(d in red for d in f.dims):
         for o in outs:
@@ -360,11 +359,15 @@ def _h_reduce(g: GraphTrace, name, args, kwargs, out):
 
 
 def _h_pool(g: GraphTrace, name, args, kwargs, out):
+    """Pooling and resizing act on the trailing spatial axes; units on the leading axes survive."""
     x = args[0]
     f = g.feat.get(id(x))
+    m = _POOL.match(name)
+    spatial = int(m.group(3) or name[-2]) if m else x.dim() - 2
+    keep = f if f is not None and max(f.dims) < x.dim() - spatial and f.inner == 1 else None
     for o in _flatten(out):
         if torch.is_tensor(o):
-            g.set_feat(o, f if f is not None and f.dims == (1,) or (f is not None and x.dim() >= 2 and f.dims == (0,) and x.dim() == o.dim()) else None, src=x, op=name)
+            g.set_feat(o, keep, src=x, op=name)
 
 
 def _h_reshape(g: GraphTrace, name, args, kwargs, out):

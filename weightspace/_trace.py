@@ -569,9 +569,7 @@ def _conv(tr, name, args, kwargs, out):
     x, w = args[0], _arg(args, kwargs, 1, "weight")
     b = _arg(args, kwargs, 2, "bias")
     transposed = "transpose" in name
-    groups = _arg(args, kwargs, 6 if transposed else 6, "groups", 1)
-    if transposed:
-        groups = _arg(args, kwargs, 6, "groups", 1)
+    groups = _arg(args, kwargs, 6, "groups", 1)  # position 6 in conv*d and conv_transpose*d alike
     k = w.dim() - 2
     if x.dim() not in (k + 1, k + 2):
         raise _Unsupported("conv input rank")
