@@ -551,3 +551,29 @@ def test_activation_points_carry_the_group_permutation():
     hand = PermutationSpec.from_axes_to_perm({"net.0.weight": ("P", None)}, MLP().state_dict())
     with pytest.raises(ws.SpecError, match="not traced"):
         hand.activation_points()
+
+
+ZOO_CASES = [
+    ("mlp", {"activation": a}) for a in ("relu", "gelu", "tanh", "sigmoid", "silu", "sine")
+] + [
+    ("mlp", {"norm": "batch", "dropout": 0.2}),
+    ("mlp", {"norm": "layer"}),
+    ("vgg", {"batch_norm": True, "head": "flatten"}),
+    ("vgg", {"batch_norm": False, "head": "gap"}),
+    ("resnet20", {"norm": "batch"}),
+    ("resnet20", {"norm": "layer", "width": 2}),
+    ("resnet20", {"norm": "none"}),
+    ("vit", {}),
+]
+
+
+@pytest.mark.parametrize("name,kw", ZOO_CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in ZOO_CASES])
+def test_every_reference_model(name, kw):
+    from weightspace import zoo
+
+    model = _randomize_norms(zoo.make(name, seed=0, **kw))
+    x = zoo.example_inputs(model, batch=4)
+    spec = _assert_symmetric(model, x, min_groups=2)
+    assert not spec.info["blocked_ops"], spec.info["blocked_ops"]
+    with pytest.raises(ws.SpecError):  # negative control: one broken axis must be caught
+        ws.check_spec(model, _wrong_spec(spec), x, trials=2)
