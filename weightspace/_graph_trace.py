@@ -43,8 +43,12 @@ from weightspace._trace import (
     _arg,
     _dims_arg,
     _flatten,
+    _expand_index,
+    _mha_args,
     _norm_dim,
     _op_name,
+    _permute_order,
+    _Unsupported,
 )
 
 log = logging.getLogger(__name__)
@@ -431,19 +435,7 @@ def _h_permute(g: GraphTrace, name, args, kwargs, out):
     if f is None:
         g.set_feat(out, None, src=x, op=name)
         return
-    nd = x.dim()
-    if name == "permute":
-        dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else _arg(args, kwargs, 1, "dims")
-        order = [_norm_dim(int(d), nd) for d in dims]
-    elif name in ("transpose", "swapaxes", "swapdims"):
-        a, b = _norm_dim(int(_arg(args, kwargs, 1, "dim0")), nd), _norm_dim(int(_arg(args, kwargs, 2, "dim1")), nd)
-        order = list(range(nd))
-        order[a], order[b] = order[b], order[a]
-    elif name in ("t", "prop:T"):
-        order = list(range(nd))[::-1]
-    else:  # mT
-        order = list(range(nd))
-        order[-1], order[-2] = order[-2], order[-1]
+    order = _permute_order(name, args, kwargs, x.dim())
     new = tuple(order.index(d) for d in f.dims)
     g.set_feat(out, Feat(f.layer, new, f.inner))
 
@@ -455,17 +447,11 @@ def _h_getitem(g: GraphTrace, name, args, kwargs, out):
         if torch.is_tensor(out):
             g.set_feat(out, None, src=x, op=name)
         return
-    if not isinstance(idx, tuple):
-        idx = (idx,)
-    if any(torch.is_tensor(i) or isinstance(i, (list, bool)) for i in idx):
+    try:
+        idx = _expand_index(idx, x.dim())
+    except _Unsupported:
         g.set_feat(out, None, src=x, op=name)
         return
-    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    if Ellipsis in idx:
-        k = idx.index(Ellipsis)
-        idx = idx[:k] + (slice(None),) * (x.dim() - n_real) + idx[k + 1:]
-    else:
-        idx = idx + (slice(None),) * (x.dim() - n_real)
     mapping, d, j = {}, 0, 0
     for i in idx:
         if i is None:
@@ -634,11 +620,7 @@ def _h_sdpa(g: GraphTrace, name, args, kwargs, out):
 
 
 def _h_mha(g: GraphTrace, name, args, kwargs, out):
-    names = ["query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
-             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
-             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
-             "k_proj_weight", "v_proj_weight"]
-    a = {n: _arg(args, kwargs, i, n) for i, n in enumerate(names)}
+    a = _mha_args(args, kwargs)
     if a["bias_k"] is not None or a["bias_v"] is not None:
         raise GraphError(f"nn.MultiheadAttention with add_bias_kv in {g.where()} is not supported by NeuralGraph")
     E, H = int(a["embed_dim_to_check"]), int(a["num_heads"])

@@ -200,7 +200,7 @@ _IGNORE = set("size dim numel shape prop:shape prop:dtype prop:device prop:is_cu
 class DimTrace(TorchFunctionMode):
     """Follows dimensions through a forward run (see the module docstring)."""
 
-    def __init__(self, module_names: Dict[int, str]) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.uf = _UF()
         self.nodes: Dict[int, List[int]] = {}
@@ -210,7 +210,6 @@ class DimTrace(TorchFunctionMode):
         self.visited: set = set()  # ids of parameter/buffer tensors a rule has consumed
         self.param_ids: set = set()
         self.module_stack: List[str] = []
-        self._module_names = module_names
         self.records: List[Tuple[str, str, List[int]]] = []  # (op, module, ids of params used)
         self.module_outputs: List[Tuple[str, List[int]]] = []  # (module name, dim nodes of its output)
 
@@ -683,37 +682,36 @@ def _embedding(tr, name, args, kwargs, out):
     tr.set_out(out, tr.of(idx) + [ws[1]])
 
 
-def _permute(tr, name, args, kwargs, out):
-    x = args[0]
-    xs = tr.of(x)
-    nd = x.dim()
+def _permute_order(name: str, args, kwargs, nd: int) -> List[int]:
+    """Output axis j of a permute/transpose/t/mT/movedim is input axis ``order[j]``."""
     if name == "permute":
         dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else _arg(args, kwargs, 1, "dims")
-        order = [_norm_dim(int(d), nd) for d in dims]
-    elif name in ("transpose", "swapaxes", "swapdims"):
+        return [_norm_dim(int(d), nd) for d in dims]
+    order = list(range(nd))
+    if name in ("transpose", "swapaxes", "swapdims"):
         a, b = _norm_dim(int(_arg(args, kwargs, 1, "dim0")), nd), _norm_dim(int(_arg(args, kwargs, 2, "dim1")), nd)
-        order = list(range(nd))
         order[a], order[b] = order[b], order[a]
-    elif name in ("t", "prop:T"):
-        order = list(range(nd))[::-1]
-    elif name in ("prop:mT", "adjoint", "prop:mH", "prop:H"):
-        order = list(range(nd))
+        return order
+    if name in ("t", "prop:T"):
+        return order[::-1]
+    if name in ("prop:mT", "adjoint", "prop:mH", "prop:H"):
         order[-1], order[-2] = order[-2], order[-1]
-    elif name in ("movedim", "moveaxis"):
+        return order
+    if name in ("movedim", "moveaxis"):
         src, dst = _arg(args, kwargs, 1, "source"), _arg(args, kwargs, 2, "destination")
-        src = [src] if isinstance(src, int) else list(src)
-        dst = [dst] if isinstance(dst, int) else list(dst)
-        src = [_norm_dim(s, nd) for s in src]
-        dst = [_norm_dim(d, nd) for d in dst]
-        rest = [i for i in range(nd) if i not in src]
-        order = [None] * nd
-        for s, d in zip(src, dst):
-            order[d] = s
-        it = iter(rest)
-        order = [o if o is not None else next(it) for o in order]
-    else:
-        raise _Unsupported(name)
-    tr.set_out(out, [xs[i] for i in order])
+        src = [_norm_dim(d, nd) for d in ([src] if isinstance(src, int) else src)]
+        dst = [_norm_dim(d, nd) for d in ([dst] if isinstance(dst, int) else dst)]
+        res: List[Optional[int]] = [None] * nd
+        for a, b in zip(src, dst):
+            res[b] = a
+        rest = iter(i for i in range(nd) if i not in src)
+        return [r if r is not None else next(rest) for r in res]
+    raise _Unsupported(name)
+
+
+def _permute(tr, name, args, kwargs, out):
+    xs = tr.of(args[0])
+    tr.set_out(out, [xs[i] for i in _permute_order(name, args, kwargs, args[0].dim())])
 
 
 def _reshape(tr, name, args, kwargs, out):
@@ -872,19 +870,23 @@ def _split(tr, name, args, kwargs, out):
         tr.set_out(p, xs[:d] + [n] + xs[d + 1 :])
 
 
-def _getitem(tr, name, args, kwargs, out):
-    x, idx = args[0], args[1]
+def _expand_index(idx: Any, ndim: int) -> Tuple[Any, ...]:
+    """A basic index as one entry per input axis plus ``None`` insertions (no Ellipsis)."""
     if not isinstance(idx, tuple):
         idx = (idx,)
-    xs = tr.of(x)
     if any(torch.is_tensor(i) or isinstance(i, (list, bool)) for i in idx):
         raise _Unsupported("advanced indexing")
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
         k = idx.index(Ellipsis)
-        idx = idx[:k] + (slice(None),) * (x.dim() - n_real) + idx[k + 1 :]
-    else:
-        idx = idx + (slice(None),) * (x.dim() - n_real)
+        return idx[:k] + (slice(None),) * (ndim - n_real) + idx[k + 1:]
+    return idx + (slice(None),) * (ndim - n_real)
+
+
+def _getitem(tr, name, args, kwargs, out):
+    x = args[0]
+    idx = _expand_index(args[1], x.dim())
+    xs = tr.of(x)
     res = []
     d = 0
     for i in idx:
@@ -902,11 +904,7 @@ def _getitem(tr, name, args, kwargs, out):
             d += 1
         else:
             raise _Unsupported(f"index of type {type(i).__name__}")
-    it = iter(range(out.dim()))
-    final = []
-    for r in res:
-        j = next(it)
-        final.append(r if r is not None else tr.fresh(out.shape[j], True))
+    final = [r if r is not None else tr.fresh(out.shape[j], True) for j, r in enumerate(res)]
     tr.set_out(out, final)
 
 
@@ -943,13 +941,20 @@ def _sdpa(tr, name, args, kwargs, out):
     tr.set_out(out, qs[:-1] + [vs[-1]])
 
 
-def _mha(tr, name, args, kwargs, out):
-    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): heads x head_dim structure."""
-    names = ["query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
              "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
              "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
-             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal"]
-    a = {n: _arg(args, kwargs, i, n) for i, n in enumerate(names)}
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+
+
+def _mha_args(args, kwargs) -> Dict[str, Any]:
+    """The arguments of ``F.multi_head_attention_forward`` by name."""
+    return {n: _arg(args, kwargs, i, n) for i, n in enumerate(_MHA_ARGS)}
+
+
+def _mha(tr, name, args, kwargs, out):
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): heads x head_dim structure."""
+    a = _mha_args(args, kwargs)
     q, k, v = a["query"], a["key"], a["value"]
     if a["static_k"] is not None or a["static_v"] is not None:
         raise _Unsupported("static keys/values")
@@ -1088,6 +1093,35 @@ def _tensor_keys(model: torch.nn.Module) -> Tuple[Dict[int, List[str]], Dict[str
     return by_id, tensors, persistent
 
 
+def traced_run(model: torch.nn.Module, example_inputs: Any, mode: TorchFunctionMode, stack: List[str], on_output=None) -> Any:
+    """Run ``model`` once in eval mode without gradients under ``mode``, keeping ``stack`` equal to the
+    names of the modules being executed; every submodule's train/eval mode is restored afterwards."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def pre(mod, inp):
+        stack.append(names.get(id(mod), type(mod).__name__))
+
+    def post(mod, inp, out):  # must return None: a forward hook's return value replaces the output
+        if stack:
+            stack.pop()
+        if on_output is not None:
+            on_output(names.get(id(mod), ""), out)
+
+    modes = {m: m.training for m in model.modules()}
+    h1, h2 = register_module_forward_pre_hook(pre), register_module_forward_hook(post)
+    try:
+        model.eval()
+        with torch.no_grad(), mode:
+            return _call(model, example_inputs)
+    finally:
+        h1.remove()
+        h2.remove()
+        for m, was_training in modes.items():
+            m.train(was_training)
+
+
 def trace_dims(model: torch.nn.Module, example_inputs: Any) -> Tuple[PermutationSpec, DimTrace, Dict[int, List[str]]]:
     """Run ``model`` once on ``example_inputs`` under :class:`DimTrace` and build its spec.
 
@@ -1100,8 +1134,7 @@ def trace_dims(model: torch.nn.Module, example_inputs: Any) -> Tuple[Permutation
             "eager model instead, or write the spec by hand with PermutationSpec.from_axes_to_perm"
         )
     by_id, tensors, persistent = _tensor_keys(model)
-    module_names = {id(m): n for n, m in model.named_modules()}
-    tr = DimTrace(module_names)
+    tr = DimTrace()
     for tid, keys in by_id.items():
         t = tensors[keys[0]]
         tr.register(t, fixed=not (t.is_floating_point() or t.is_complex()))  # integer buffers hold indices/counters
@@ -1110,25 +1143,13 @@ def trace_dims(model: torch.nn.Module, example_inputs: Any) -> Tuple[Permutation
         if torch.is_tensor(t):
             tr.register(t, fixed=True)
 
-    def pre(mod, inp):
-        tr.module_stack.append(module_names.get(id(mod), type(mod).__name__))
-
-    def post(mod, inp, out):  # must return None: a forward hook's return value replaces the output
-        if tr.module_stack:
-            tr.module_stack.pop()
+    def record(module: str, out: Any) -> None:
         first = next((t for t in _flatten(out) if torch.is_tensor(t)), None)
         if first is not None and id(first) in tr.nodes:
-            tr.module_outputs.append((module_names.get(id(mod), ""), list(tr.nodes[id(first)])))
+            tr.module_outputs.append((module, list(tr.nodes[id(first)])))
 
-    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
-    modes = {m: m.training for m in model.modules()}
-    h1 = register_module_forward_pre_hook(pre)
-    h2 = register_module_forward_hook(post)
     try:
-        model.eval()
-        with torch.no_grad(), tr:
-            out = _call(model, example_inputs)
+        out = traced_run(model, example_inputs, tr, tr.module_stack, on_output=record)
     except _Unsupported as exc:  # pragma: no cover - rules catch their own
         raise TraceError(str(exc)) from exc
     except Exception as exc:
@@ -1139,11 +1160,6 @@ def trace_dims(model: torch.nn.Module, example_inputs: Any) -> Tuple[Permutation
             "keyword inputs); if the model cannot run eagerly here, write the spec by hand with "
             "PermutationSpec.from_axes_to_perm"
         ) from exc
-    finally:
-        h1.remove()
-        h2.remove()
-        for m, mode in modes.items():
-            m.train(mode)
     for t in _flatten(out):
         for n in tr.of(t):
             tr.uf.fix(n)

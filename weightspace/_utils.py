@@ -30,6 +30,15 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
     return dev
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); CPU for a module without tensors."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def _to(obj: Any, device: Optional[torch.device]) -> Any:
     if device is None:
         return obj

@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from weightspace._utils import iter_batches, resolve_device
+from weightspace._utils import iter_batches, model_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -193,17 +193,11 @@ def _first_tensor(obj: Any, name: str) -> torch.Tensor:
     raise TypeError(f"point {name!r} produced a {type(obj).__name__}, not a tensor; pick another module")
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _on_device(model: nn.Module, device: Any) -> Tuple[nn.Module, torch.device]:
     """The model on ``device``: itself if already there, else a copy (the user's model never moves)."""
-    home = _model_device(model)
+    home = model_device(model)
     if device is None:
         return model, home
     dev = resolve_device(device)
@@ -371,7 +365,7 @@ def cross_stats(model_a: nn.Module, model_b: nn.Module, data: Any, points_a: Poi
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     run_a, dev = _on_device(model_a, device)
-    dev_b = _model_device(model_b)
+    dev_b = model_device(model_b)
     run_b, _ = _on_device(model_b, dev if (dev_b.type != dev.type) else None)
     mods_a = resolve_points(run_a, names_a)
     mods_b = resolve_points(run_b, names_b)

@@ -27,7 +27,7 @@ import torch
 
 from weightspace._graph_trace import EdgeBlock, GraphError, GraphTrace, Layer, NodeFeature
 from weightspace._spec import PermutationSpec
-from weightspace._trace import _call, _flatten, _tensor_keys
+from weightspace._trace import _flatten, _tensor_keys, traced_run
 
 log = logging.getLogger(__name__)
 
@@ -127,32 +127,12 @@ class NeuralGraph:
         """Trace ``model`` once on ``example_inputs`` (eval mode, no gradients; the model is not changed)."""
         by_id, tensors, persistent = _tensor_keys(model)
         g = GraphTrace({i: ks for i, ks in by_id.items()}, tensors)
-        module_names = {id(m): n for n, m in model.named_modules()}
-        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
-        def pre(mod, inp):
-            g.module_stack.append(module_names.get(id(mod), type(mod).__name__))
-
-        def post(mod, inp, out):  # must return None: a forward hook's return value replaces the output
-            if g.module_stack:
-                g.module_stack.pop()
-
-        h1 = register_module_forward_pre_hook(pre)
-        h2 = register_module_forward_hook(post)
-        modes = {m: m.training for m in model.modules()}
         try:
-            model.eval()
-            with torch.no_grad(), g:
-                out = _call(model, example_inputs)
+            out = traced_run(model, example_inputs, g, g.module_stack)
         except GraphError:
             raise
         except Exception as exc:
-            raise GraphError(f"running the model on the example inputs failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            h1.remove()
-            h2.remove()
-            for m, mode in modes.items():
-                m.train(mode)
+            raise GraphError(f"running the model on the example inputs failed in {g.where()}: {type(exc).__name__}: {exc}") from exc
         for t in _flatten(out):
             f = g.feat.get(id(t))
             if f is not None and g.layers[f.layer].kind not in ("input",):

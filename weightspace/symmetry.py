@@ -17,7 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from weightspace._spec import Axis, PermutationSpec, SpecError
-from weightspace._trace import TraceError, _call, _flatten, trace_dims
+from weightspace._trace import _MHA_ARGS, TraceError, _call, _flatten, trace_dims
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class _NoDropout(TorchFunctionMode):
             kwargs["dropout_p"] = 0.0
             args = args[:4]
         if name == "multi_head_attention_forward":
-            args = tuple(0.0 if i == 10 else a for i, a in enumerate(args))
+            args = tuple(0.0 if i == _MHA_ARGS.index("dropout_p") else a for i, a in enumerate(args))
             if "dropout_p" in kwargs:
                 kwargs["dropout_p"] = 0.0
         return func(*args, **kwargs)

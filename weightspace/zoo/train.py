@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weightspace._utils import iter_batches, resolve_device
+from weightspace._utils import iter_batches, model_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,6 @@ class TrainResult:
     settings: Dict[str, Any] = field(default_factory=dict)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _check_targets(logits: torch.Tensor, y: Optional[torch.Tensor]) -> None:
@@ -144,7 +138,7 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
         raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {optimizer!r}")
 
     dev = resolve_device(device)
-    home = _model_device(model)
+    home = model_device(model)
     modes = {m: m.training for m in model.modules()}
     loss_fn = loss_fn or F.cross_entropy
     settings = dict(epochs=int(epochs), lr=float(lr), optimizer=opt_name, weight_decay=float(weight_decay),
@@ -227,9 +221,9 @@ def evaluate(model: nn.Module, data: Any, *, device: Any = None, batch_size: int
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    dev = _model_device(model) if device is None else resolve_device(device)
-    if dev != _model_device(model):
-        raise ValueError(f"model is on {_model_device(model)} but device={dev}; move the model or omit device")
+    dev = model_device(model) if device is None else resolve_device(device)
+    if dev != model_device(model):
+        raise ValueError(f"model is on {model_device(model)} but device={dev}; move the model or omit device")
     loss_fn = loss_fn or F.cross_entropy
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
         X, Y = data
