@@ -27,6 +27,7 @@ _EXPORTS = {
     "path_norm_bound": "analysis.pathnorm",
     "PathNorm": "analysis.pathnorm",
     "PathNormBound": "analysis.pathnorm",
+    "UnsupportedOperationError": "analysis.pathnorm",
     # neural collapse
     "neural_collapse": "analysis.collapse",
     "neural_collapse_of": "analysis.collapse",

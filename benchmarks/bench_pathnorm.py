@@ -1,13 +1,19 @@
 """Benchmark: path-norm cost relative to a forward pass, and Hessian sharpness cost, on sklearn digits.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/bench_pathnorm.py [--repeats 20]
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_pathnorm.py [--repeats 20] [--baseline FILE]
 
-Models use random weights (timings do not depend on training). Prints a Markdown table.
+Models use random weights (timings do not depend on training). Prints Markdown tables.
+``--baseline FILE`` also times the ``path_norm`` of another implementation loaded from a .py file (e.g. the
+former torch.fx version: ``git show 7eb2d75:analysis/pathnorm.py > /tmp/pathnorm_fx.py``) and checks that
+both give the same value where the baseline can handle the model.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -16,6 +22,7 @@ import torch.nn as nn
 from sklearn.datasets import load_digits
 
 import analysis
+from weightspace import zoo
 
 
 def _time(fn, repeats):
@@ -32,7 +39,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", default=None, help="a .py file defining path_norm (e.g. the torch.fx version)")
     args = ap.parse_args(argv)
+    base = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("pathnorm_baseline", args.baseline)
+        base = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = base  # dataclasses look their module up there
+        spec.loader.exec_module(base)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
 
@@ -49,7 +63,17 @@ def main(argv=None) -> int:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    inputs = {"MLP 64-128-128-10": (mlp, X), "CNN (2 conv+BN+maxpool, fc)": (cnn, X.reshape(-1, 1, 8, 8))}
+    resnet = zoo.make("resnet20", norm="batch", seed=args.seed).eval()
+    vgg = zoo.make("vgg", batch_norm=True, seed=args.seed).eval()
+    for m in list(resnet.modules()) + list(vgg.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    X4 = X.reshape(-1, 1, 8, 8)
+    inputs = {"MLP 64-128-128-10": (mlp, X), "CNN (2 conv+BN+maxpool, fc)": (cnn, X4),
+              "zoo mlp (control flow in forward)": (zoo.make("mlp", seed=args.seed).eval(), X4),
+              "zoo vgg, batch_norm=True": (vgg, X4), "zoo resnet20, norm=batch": (resnet, X4)}
 
     rows = []
     for name, (model, data) in inputs.items():
@@ -58,13 +82,24 @@ def main(argv=None) -> int:
             t_f1000 = _time(lambda: model(data), args.repeats)
         for q in (1, 2):
             t_pn = _time(lambda: analysis.path_norm(model, data[:1], q=q), args.repeats)
-            val = analysis.path_norm(model, data[:1], q=q).value
-            rows.append((name, q, t_pn * 1e3, t_f1 * 1e3, t_f1000 * 1e3, t_pn / t_f1, t_pn / t_f1000, val))
+            res = analysis.path_norm(model, data[:1], q=q)
+            t_base = "-"
+            if base is not None:
+                try:
+                    ref = base.path_norm(model, data[:1], q=q)
+                    assert math.isclose(ref.log_value, res.log_value, rel_tol=1e-10, abs_tol=1e-10), (ref, res)
+                    t_base = f"{_time(lambda: base.path_norm(model, data[:1], q=q), args.repeats) * 1e3:.2f}"
+                except Exception as exc:  # noqa: BLE001 - the baseline may not handle the model
+                    t_base = f"fails ({type(exc).__name__})"
+            rows.append((name, q, t_pn * 1e3, t_base, t_f1 * 1e3, t_f1000 * 1e3, t_pn / t_f1, t_pn / t_f1000,
+                         res.value))
 
-    print("| model | q | path_norm (ms) | forward 1 sample (ms) | forward 1000 (ms) | ratio vs 1 | ratio vs 1000 | value |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | q | path_norm (ms) | baseline (ms) | forward 1 sample (ms) | forward 1000 (ms) | ratio vs 1 | "
+          "ratio vs 1000 | value |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.0f}x | {r[6]:.1f}x | {r[7]:.4g} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.0f}x | {r[7]:.1f}x | "
+              f"{r[8]:.4g} |")
 
     reps = max(3, args.repeats // 5)
     with torch.no_grad():

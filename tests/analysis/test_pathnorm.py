@@ -318,3 +318,306 @@ def test_path_norm_bound_bad_labels():
     net = nn.Sequential(nn.Linear(2, 3))
     with pytest.raises(ValueError, match="labels out of range"):
         analysis.path_norm_bound(net, None, (torch.zeros(4, 2), torch.tensor([0, 1, 2, 3])))
+
+
+# ---------------------------------------------------------------- models torch.fx cannot trace (zoo)
+from weightspace import zoo  # noqa: E402
+import weightspace as ws  # noqa: E402
+
+
+def _randomize_all_bn(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            _randomize_bn(mod, gen)
+    return model
+
+
+def _mlp_chain(m, q):
+    """Closed form for an MLP: v <- |W|^q v + |b|^q from ones, summed (= the sum over all paths)."""
+    return _dense_chain([(_np(fc.weight), _np(fc.bias)) for fc in list(m.fc) + [m.head]], q)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_zoo_mlp_closed_form_and_fx_failure(q):
+    m = zoo.make("mlp", seed=0)
+    with pytest.raises(Exception):  # the motivation: `if x.dim() != 2` defeats symbolic tracing
+        torch.fx.symbolic_trace(m)
+    exact = _mlp_chain(m, q)
+    assert analysis.path_norm(m, torch.randn(2, 64), q=q).value_q == pytest.approx(exact, rel=1e-12)
+    # the other branch of the control flow (flatten of (N, 1, 8, 8) digits) gives the same network
+    assert analysis.path_norm(m, torch.randn(2, 1, 8, 8), q=q).value_q == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_zoo_tiny_mlp_brute_force_paths(q):
+    m = zoo.make("mlp", in_features=3, hidden=(4, 3), out_features=2, seed=1)
+    W1, b1, W2, b2, W3, b3 = (_np(t) for t in (m.fc[0].weight, m.fc[0].bias, m.fc[1].weight, m.fc[1].bias,
+                                                m.head.weight, m.head.bias))
+    paths = []
+    for o in range(2):
+        paths.append(b3[o])
+        for k in range(3):
+            paths.append(W3[o, k] * b2[k])
+            for j in range(4):
+                paths.append(W3[o, k] * W2[k, j] * b1[j])
+                paths += [W3[o, k] * W2[k, j] * W1[j, i] for i in range(3)]
+    assert len(paths) == 2 * (1 + 3 * (1 + 4 * 4))
+    brute = float(sum(abs(p) ** q for p in paths))
+    assert analysis.path_norm(m, torch.zeros(1, 3), q=q).value_q == pytest.approx(brute, rel=1e-12)
+
+
+def _conv_matrix(conv, shape):
+    """Dense matrix (out, in) of a bias-free conv on one sample of ``shape`` (C, H, W)."""
+    n = int(np.prod(shape))
+    basis = torch.eye(n, dtype=torch.float64).reshape((n,) + tuple(shape))
+    out = F.conv2d(basis, conv.weight.detach().double(), None, conv.stride, conv.padding)
+    return out.reshape(n, -1).T.numpy(), tuple(out.shape[1:])
+
+
+def _bn_fold_np(bn, hw):
+    a = _np(bn.weight) / np.sqrt(_np(bn.running_var) + bn.eps)
+    return np.repeat(a, hw), np.repeat(_np(bn.bias) - a * _np(bn.running_mean), hw)
+
+
+def _sum_pool_matrix(c, h, w):
+    """2x2 stride-2 window sums over a (c, h, w) map: the max-pool neurons with every edge weight 1."""
+    S = np.zeros((c * (h // 2) * (w // 2), c * h * w))
+    for ch in range(c):
+        for i in range(h // 2):
+            for j in range(w // 2):
+                for di in range(2):
+                    for dj in range(2):
+                        S[(ch * (h // 2) + i) * (w // 2) + j, (ch * h + 2 * i + di) * w + 2 * j + dj] = 1
+    return S
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_zoo_vgg_batchnorm_equals_dense_network(q):
+    m = _randomize_all_bn(zoo.make("vgg", batch_norm=True, seed=2), 3)
+    layers, shape = [], (1, 8, 8)
+    for mod in m.features:
+        if isinstance(mod, nn.Conv2d):
+            M, shape = _conv_matrix(mod, shape)
+        elif isinstance(mod, nn.BatchNorm2d):  # conv -> BN: paths |W|^q |a|^q, bias |beta - a mu|^q
+            a, b = _bn_fold_np(mod, shape[1] * shape[2])
+            layers.append((a[:, None] * M, b))
+        elif isinstance(mod, nn.MaxPool2d):
+            layers.append((_sum_pool_matrix(*shape), None))
+            shape = (shape[0], shape[1] // 2, shape[2] // 2)
+    layers += [(_np(lin.weight), _np(lin.bias)) for lin in m.classifier if isinstance(lin, nn.Linear)]
+    res = analysis.path_norm(m, m.example_input(), q=q)
+    assert res.value_q == pytest.approx(_dense_chain(layers, q), rel=1e-10)
+    assert res.settings["batchnorm_folded"] == 2 and res.settings["maxpool_to_sumpool"] == 2
+
+
+@torch.no_grad()
+def _resnet_reference(m, q):
+    """The recipe written out by hand for zoo.ResNet20 (conv+BN folded as |a W|^q, |beta - a mu|^q)."""
+    def cbn(v, conv, bn):
+        a = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        b = bn.bias.double() - a * bn.running_mean.double()
+        W = (conv.weight.double() * a[:, None, None, None]).abs() ** q
+        return F.conv2d(v, W, None, conv.stride, conv.padding) + (b.abs() ** q)[:, None, None]
+
+    v = cbn(torch.ones(1, 1, 8, 8, dtype=torch.float64), m.conv1, m.norm1)
+    for stage in (m.layer1, m.layer2, m.layer3):
+        for blk in stage:
+            h = cbn(cbn(v, blk.conv1, blk.norm1), blk.conv2, blk.norm2)
+            v = h + (v if isinstance(blk.shortcut, nn.Identity) else cbn(v, blk.shortcut[0], blk.shortcut[1]))
+    hw = v.shape[2] * v.shape[3]
+    v = v.sum((2, 3)) * hw ** (-q)  # global average pool: edges 1/hw
+    out = v @ (m.linear.weight.double().abs() ** q).T + m.linear.bias.double().abs() ** q
+    return float(out.sum())
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_zoo_resnet20_batchnorm_matches_handwritten_recipe(q):
+    m = _randomize_all_bn(zoo.make("resnet20", norm="batch", seed=4), 5)
+    res = analysis.path_norm(m, m.example_input(), q=q)
+    assert res.value_q == pytest.approx(_resnet_reference(m, q), rel=1e-10)
+    assert res.settings["batchnorm_folded"] == 21 and res.settings["conv"] == 21
+    assert res.settings["depth"] == 20  # 19 convs on the longest chain + the linear head
+
+
+@pytest.mark.parametrize("name,kw", [("mlp", {}), ("vgg", {"batch_norm": True}), ("resnet20", {"norm": "batch"})])
+def test_zoo_permutation_invariance_with_negative_control(name, kw):
+    m = _randomize_all_bn(zoo.make(name, seed=6, **kw), 7)
+    x = m.example_input()
+    spec = ws.permutation_spec(m, x)
+    assert len(spec.groups) > 0
+    mp = ws.permute(m, spec, ws.random_permutation(spec, seed=8))
+    m.eval(), mp.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mp(x), m(x), rtol=1e-4, atol=1e-5)
+        moved = [k for k, v in mp.state_dict().items() if v.is_floating_point() and not torch.equal(v, m.state_dict()[k])]
+    assert moved  # the permutation really moved weights
+    for q in (1, 2):
+        ref = analysis.path_norm(m, x, q=q)
+        assert analysis.path_norm(mp, x, q=q).log_value == pytest.approx(ref.log_value, abs=1e-10)
+    bad = copy.deepcopy(m)
+    first = next(p for p in bad.parameters() if p.dim() > 1)
+    with torch.no_grad():
+        first.view(-1)[0] += 1.0
+    assert abs(analysis.path_norm(bad, x, q=1).log_value - analysis.path_norm(m, x, q=1).log_value) > 1e-6
+
+
+# ---------------------------------------------------------------- control flow and hand-written layers
+class _ControlFlow(nn.Module):
+    """Shape-dependent branches, a loop with a shared layer, x @ W.t(), in-place ops and dtype casts."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 5), nn.Linear(5, 5)
+        self.w3 = nn.Parameter(torch.randn(4, 5))
+        self.b3 = nn.Parameter(torch.randn(4))
+        self.repeats = 2
+
+    def forward(self, x):
+        if x.dim() > 2:
+            x = x.reshape(x.shape[0], -1)
+        x = x.float()
+        h = F.relu(self.fc1(x))
+        for _ in range(self.repeats if h.shape[-1] == 5 else 0):
+            r = self.fc2(h)
+            r += h                      # in-place residual
+            h = r.relu_()
+        if h.size(1) % 2 == 1:
+            h = h * 0.5
+        return h @ self.w3.t() + self.b3
+
+
+def test_shape_control_flow_loops_inplace_and_matmul():
+    torch.manual_seed(13)
+    m = _ControlFlow()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(m)
+    W1, b1, W2, b2, W3, b3 = (_np(t) for t in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.w3, m.b3))
+    for q in (1, 2):
+        v = np.abs(W1) ** q @ np.ones(6) + np.abs(b1) ** q
+        for _ in range(2):  # shared weights: the unrolled DAG uses |W2|^q twice; skip edges weigh 1
+            v = np.abs(W2) ** q @ v + np.abs(b2) ** q + v
+        v = 0.5 ** q * v
+        exact = float((np.abs(W3) ** q @ v + np.abs(b3) ** q).sum())
+        assert analysis.path_norm(m, torch.zeros(3, 2, 3), q=q).value_q == pytest.approx(exact, rel=1e-12)
+
+
+class _Token(nn.Module):
+    """A parameter concatenated to the hidden units is a set of bias neurons (a cls token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(6, 2)
+        self.tok = nn.Parameter(torch.randn(1, 2))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(torch.cat([h, self.tok.expand(x.shape[0], -1)], dim=1))
+
+
+def test_concatenated_parameter_counts_as_bias_paths():
+    torch.manual_seed(14)
+    m = _Token()
+    W1, b1, W2, b2, tok = (_np(t) for t in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.tok))
+    for q in (1, 2):
+        v = np.concatenate([np.abs(W1) ** q @ np.ones(3) + np.abs(b1) ** q, np.abs(tok[0]) ** q])
+        exact = float((np.abs(W2) ** q @ v + np.abs(b2) ** q).sum())
+        assert analysis.path_norm(m, torch.zeros(1, 3), q=q).value_q == pytest.approx(exact, rel=1e-12)
+
+
+# ---------------------------------------------------------------- unsupported operations are named
+def _raises_unsupported(match):
+    """UnsupportedOperationError (a ValueError; not exported by name) whose message matches."""
+    return pytest.raises(ValueError, match=match)
+
+
+def _check_unsupported(info):
+    assert type(info.value).__name__ == "UnsupportedOperationError"
+    assert "ReLU" in str(info.value)
+
+
+def test_zoo_vit_raises_naming_the_operation_and_module():
+    vit = zoo.make("vit", seed=0)
+    x = vit.example_input()
+    with _raises_unsupported(r"'layer_norm'.*'blocks\.0\.norm1' \(LayerNorm\)") as info:
+        analysis.path_norm(vit, x)
+    _check_unsupported(info)
+    no_ln = copy.deepcopy(vit)
+    for blk in no_ln.blocks:
+        blk.norm1, blk.norm2 = nn.Identity(), nn.Identity()
+    with _raises_unsupported(r"'multi_head_attention_forward'.*blocks\.0\.attn") as info:
+        analysis.path_norm(no_ln, x)
+    _check_unsupported(info)
+    with _raises_unsupported(r"'gelu'.*'acts\.0' \(Activation\)") as info:
+        analysis.path_norm(zoo.make("mlp", activation="gelu", seed=0), torch.zeros(1, 64))
+    _check_unsupported(info)
+    with _raises_unsupported(r"'group_norm'.*norm1") as info:
+        analysis.path_norm(zoo.make("resnet20", norm="layer", seed=0), x)
+    _check_unsupported(info)
+
+
+class _Product(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.fc, self.op = nn.Linear(4, 4), op
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.op == "mul":
+            return h * torch.relu(h)
+        if self.op == "attn":
+            return torch.softmax(h @ h.transpose(-1, -2), -1) @ h
+        return F.softmax(h, -1)
+
+
+@pytest.mark.parametrize("op,needle", [("mul", "two activations"), ("attn", "two activations"), ("softmax", "softmax")])
+def test_products_and_softmax_raise(op, needle):
+    with _raises_unsupported(needle) as info:
+        analysis.path_norm(_Product(op), torch.zeros(1, 3, 4))
+    _check_unsupported(info)
+
+
+def test_zoo_resnet_unchanged_and_bad_shape_reports_module():
+    m = _randomize_all_bn(zoo.make("resnet20", norm="batch", seed=9), 10).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    analysis.path_norm(m, m.example_input(), q=2)
+    assert m.training and all(mod.training for mod in m.modules())
+    for k, v in m.state_dict().items():  # BN running stats would move if the model itself had run
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match=r"'fc\.0'.*example_inputs"):
+        analysis.path_norm(zoo.make("mlp", seed=0), torch.zeros(1, 10))
+
+
+# ---------------------------------------------------------------- 1d pools and uneven adaptive max-pools
+def _window_matrix(windows, L):
+    """0/1 matrix of window memberships (a max-pool neuron per window, every edge weight 1)."""
+    S = np.zeros((len(windows), L))
+    for j, (a, b) in enumerate(windows):
+        S[j, max(a, 0):min(b, L)] = 1
+    return S
+
+
+def _adaptive_windows(L, o):  # PyTorch's definition: [floor(i L / o), ceil((i + 1) L / o))
+    return [(i * L // o, -((-(i + 1) * L) // o)) for i in range(o)]
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_1d_pools_and_uneven_adaptive_max_match_window_sums(q):
+    torch.manual_seed(15)
+    conv, fc = nn.Conv1d(1, 1, 3, padding=1), nn.Linear(3, 2)
+    net = nn.Sequential(conv, nn.ReLU(), nn.MaxPool1d(3, stride=2, padding=1),
+                        nn.AvgPool1d(3, stride=1, padding=1, count_include_pad=False),
+                        nn.AdaptiveMaxPool1d(3), nn.Flatten(), fc)
+    M1 = _jac(lambda z: F.conv1d(z, conv.weight.double(), None, 1, 1), (1, 1, 9))
+    S_max = _window_matrix([(2 * j - 1, 2 * j + 2) for j in range(5)], 9)       # 9 -> 5, padding 1
+    A = _jac(lambda z: F.avg_pool1d(z, 3, 1, 1, count_include_pad=False), (1, 1, 5))  # 1/2 at borders, 1/3 inside
+    S_ada = _window_matrix(_adaptive_windows(5, 3), 5)                            # windows of 2, 3, 2
+    assert S_ada.sum(1).tolist() == [2, 3, 2]
+    layers = [(M1, np.repeat(_np(conv.bias), 9)), (S_max, None), (A, None), (S_ada, None),
+              (_np(fc.weight), _np(fc.bias))]
+    assert analysis.path_norm(net, torch.zeros(1, 1, 9), q=q).value_q == pytest.approx(_dense_chain(layers, q), rel=1e-12)
+    fc2 = nn.Linear(6, 1)
+    net2 = nn.Sequential(nn.AdaptiveMaxPool2d((2, 3)), nn.Flatten(), fc2)
+    S2 = np.kron(_window_matrix(_adaptive_windows(5, 2), 5), _window_matrix(_adaptive_windows(7, 3), 7))
+    exact = _dense_chain([(S2, None), (_np(fc2.weight), _np(fc2.bias))], q)
+    assert analysis.path_norm(net2, torch.zeros(1, 1, 5, 7), q=q).value_q == pytest.approx(exact, rel=1e-12)
