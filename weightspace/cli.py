@@ -3,6 +3,7 @@
     weightspace demo --out demo.html                    # embedded digits: train, discover, permute, measure
     weightspace spec --model pkg.module:factory --input-shape 1,3,32,32
     weightspace graph --model pkg.module:factory --input-shape 1,3,32,32
+    weightspace analyze CKPT --model pkg.module:factory --input-shape 2,64 --report report.html [--compare CKPT_B]
 
 This is the only module of ``weightspace`` that may import the other packages (``analysis``, ``viz``)
 and the only one that prints or configures logging.
@@ -82,6 +83,85 @@ def cmd_graph(args) -> int:
         print(f"  layer {i:>3}  {l.kind:<10} {l.size:>6} units  {l.name}{'  (' + l.activation + ')' if l.activation else ''}")
     if len(g.layers) > args.max_layers:
         print(f"  ... {len(g.layers) - args.max_layers} more layers")
+    return 0
+
+
+class _Progress:
+    """A progress bar for long computations: tqdm when installed and stderr is a terminal (or when
+    forced), else a line every 10 %; silent with -q."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label, self.quiet, self.bar, self.last = label, quiet, None, -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=self.label, unit="pt")
+            except ImportError:
+                self.bar = False
+        if self.bar:
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+            return
+        step = int(10 * done / max(total, 1))
+        if step != self.last:
+            self.last = step
+            print(f"{self.label}: {done}/{total}", file=sys.stderr)
+
+
+def _digits_for(model: torch.nn.Module, x: Any):
+    """The embedded digits, shaped like the model's example input (flat (N, 64) or images (N, 1, 8, 8))."""
+    from weightspace import zoo
+
+    flat = not (torch.is_tensor(x) and x.dim() == 4)
+    return zoo.load_digits("train", flat=flat), zoo.load_digits("test", flat=flat)
+
+
+def cmd_analyze(args) -> int:
+    """Metrics of one checkpoint (and its connectivity to a second) on the embedded digits."""
+    import analysis
+    import viz
+    from weightspace.io import build_model, load_into
+
+    out = Path(args.report)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model = load_into(build_model(args.model, **kwargs), args.checkpoint)
+    x = _example(args)
+    train, test = _digits_for(model, x)
+    report = viz.Report(f"weightspace analyze: {Path(args.checkpoint).name}")
+    lines = []
+    land = analysis.landscape(model, {"test": test}, grid=args.grid, dims=2, metrics=("loss",), seed=args.seed,
+                              progress=_Progress(f"landscape {args.grid}x{args.grid}", args.quiet))
+    lines.append(f"test loss at the checkpoint: {land.center['test']['loss']:.4f}" if land.center else "landscape computed")
+    try:
+        pn = analysis.path_norm(model, x, q=1)
+        lines.append(f"L1 path-norm: {pn.value:.6g}")
+    except ValueError as exc:
+        lines.append(f"path-norm not defined here: {exc}")
+    eig = analysis.hessian_eigenvalues(model, test, k=1, seed=args.seed)
+    lines.append(f"top Hessian eigenvalue (test loss): {float(eig.eigenvalues[0]):.4g}")
+    spec_rows = analysis.spectral_metrics(model)
+    lines.append(f"spectral metrics: {len(spec_rows.analysed)} layers analysed, {len(spec_rows.skipped)} skipped")
+    report.add_text("\n".join(lines), title="Summary")
+    report.add(viz.landscape_figure(land, metric="loss", split="test"), title="Filter-normalised loss landscape (test)")
+    if args.compare:
+        other = load_into(build_model(args.model, **kwargs), args.compare)
+        curve = analysis.interpolate(model, other, {"train": train, "test": test}, alphas=args.alphas)
+        b = curve.barrier("loss", split="test")
+        lines.append(f"loss barrier to {Path(args.compare).name} (chord, test): {b.value:.4f} at alpha {b.alpha:.2f}")
+        report.add(viz.barrier_figure({f"{Path(args.checkpoint).name} -> {Path(args.compare).name}": curve}, split="test"), title="Linear interpolation")
+    for line in lines:
+        print(line)
+    report.write(out, overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 
@@ -170,17 +250,28 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     d.set_defaults(func=cmd_demo)
 
-    for name, func, text in (("spec", cmd_spec, "print the permutation spec discovered by tracing"), ("graph", cmd_graph, "print the neural computational graph")):
+    for name, func, text in (("spec", cmd_spec, "print the permutation spec discovered by tracing"),
+                             ("graph", cmd_graph, "print the neural computational graph"),
+                             ("analyze", cmd_analyze, "landscape, path-norm, sharpness and spectra of a checkpoint on digits")):
         s = sub.add_parser(name, help=text)
-        s.add_argument("--model", required=True, help="model factory as pkg.module:callable")
+        if name == "analyze":
+            s.add_argument("checkpoint", help="weights (.safetensors or .pt state dict)")
+        s.add_argument("--model", required=True, help="model factory as pkg.module:callable (or a zoo name: mlp, vgg, resnet20, vit)")
         s.add_argument("--model-kwargs", default=None, help="JSON keyword arguments for the factory")
-        s.add_argument("--checkpoint", default=None, help="optional weights (.safetensors or .pt state dict)")
-        s.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,32,32")
+        if name != "analyze":
+            s.add_argument("--checkpoint", default=None, help="optional weights (.safetensors or .pt state dict)")
+        s.add_argument("--input-shape", required=name != "analyze", default="2,64", help="example input shape, e.g. 1,3,32,32")
         s.add_argument("--input-dtype", choices=("float32", "long"), default="float32")
         s.add_argument("--input-high", type=int, default=100, help="exclusive upper bound for --input-dtype long")
         s.add_argument("--seed", type=int, default=0)
         s.set_defaults(func=func)
-        if name == "spec":
+        if name == "analyze":
+            s.add_argument("--report", default="analysis.html", help="HTML report to write")
+            s.add_argument("--overwrite", action="store_true")
+            s.add_argument("--compare", default=None, help="a second checkpoint: interpolation and barrier")
+            s.add_argument("--grid", type=int, default=21)
+            s.add_argument("--alphas", type=int, default=25)
+        elif name == "spec":
             s.add_argument("--check", action="store_true", help="also verify the spec numerically")
             s.add_argument("--trials", type=int, default=3)
             s.add_argument("--json", default=None, help="write groups and Git Re-Basin axes_to_perm to this file")

@@ -32,3 +32,18 @@ def test_small_demo_writes_report(tmp_path, capsys):
     assert "A vs permuted A, permutation undone" in text and "loss barrier  0.0000" in text
     assert out.read_text().count('class="plotly-graph-div"') == 3
     assert main(["demo", "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_analyze_checkpoints_with_progress(tmp_path, capsys):
+    from weightspace import io, zoo
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    io.save_state_dict(zoo.MLP(64, (16,), 10, seed=0), a)
+    io.save_state_dict(zoo.MLP(64, (16,), 10, seed=1), b)
+    report = tmp_path / "r.html"
+    rc = main(["analyze", str(a), "--model", "mlp", "--model-kwargs", '{"hidden": [16]}', "--report", str(report), "--compare", str(b), "--grid", "5", "--alphas", "5"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "L1 path-norm" in cap.out and "loss barrier to b.safetensors" in cap.out and "top Hessian eigenvalue" in cap.out
+    assert "landscape 5x5: 25/25" in cap.err  # progress reported (a bar on a terminal)
+    assert report.read_text().count('class="plotly-graph-div"') == 2
