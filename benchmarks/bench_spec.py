@@ -20,13 +20,16 @@ from weightspace import zoo
 
 
 def timed(fn, repeats):
+    """(first call, median of ``repeats`` further calls): the first call pays page faults on fresh memory."""
+    t = time.perf_counter()
     fn()
+    first = time.perf_counter() - t
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    return first, statistics.median(out)
 
 
 def main(argv=None):
@@ -51,22 +54,23 @@ def main(argv=None):
     for name, model, x in cases:
         x = zoo.example_inputs(model, batch=2) if x is None else x
         n_params = sum(p.numel() for p in model.parameters())
-        fwd = timed(lambda: model.eval()(**x) if isinstance(x, dict) else model.eval()(x), args.repeats)
+        with torch.no_grad():
+            fwd = timed(lambda: model.eval()(**x) if isinstance(x, dict) else model.eval()(x), args.repeats)[1]
         t_spec = timed(lambda: ws.permutation_spec(model, x), args.repeats)
         spec = ws.permutation_spec(model, x)
-        t_check = timed(lambda: ws.check_spec(model, spec, x, trials=1, modes=("eval",)), 1)
+        t_check = timed(lambda: ws.check_spec(model, spec, x, trials=1, modes=("eval",)), 1)[1]
         if "BERT" in name and args.no_graph_bert:
-            t_graph, g = float("nan"), None
+            t_graph, g = (float("nan"), float("nan")), None
         else:
             t_graph = timed(lambda: ws.NeuralGraph.from_model(model, x), 1)
             g = ws.NeuralGraph.from_model(model, x)
         rows.append((name, n_params, len(spec.groups), fwd, t_spec, t_check, t_graph, g))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| model | params | groups | forward (s) | permutation_spec (s) | check_spec 1 trial (s) | NeuralGraph.from_model (s) | graph nodes / edges |")
+    print("| model | params | groups | forward (s) | permutation_spec first / warm (s) | check_spec 1 trial (s) | NeuralGraph.from_model first / warm (s) | graph nodes / edges |")
     print("|---|---|---|---|---|---|---|---|")
     for name, n, k, fwd, ts, tc, tg, g in rows:
         ge = f"{g.num_nodes:,} / {g.num_edges:,}" if g is not None else "-"
-        print(f"| {name} | {n / 1e6:.2f}M | {k} | {fwd:.3f} | {ts:.3f} | {tc:.3f} | {tg:.2f} | {ge} |")
+        print(f"| {name} | {n / 1e6:.2f}M | {k} | {fwd:.3f} | {ts[0]:.3f} / {ts[1]:.3f} | {tc:.3f} | {tg[0]:.2f} / {tg[1]:.2f} | {ge} |")
 
 
 if __name__ == "__main__":
