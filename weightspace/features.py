@@ -40,7 +40,7 @@ from weightspace._utils import iter_batches, model_device, resolve_device
 log = logging.getLogger(__name__)
 
 __all__ = ["capture", "activation_stats", "cross_stats", "FeatureStats", "CrossStats", "resolve_points",
-           "StreamingMoments"]
+           "StreamingMoments", "group_points"]
 
 Points = Union[str, Sequence[str]]
 FeatureDim = Union[str, int, Mapping[str, Union[str, int]]]
@@ -161,6 +161,24 @@ class StreamingMoments:
 
 
 # ----------------------------------------------------------------------------- hooks
+
+
+def group_points(spec: Any, which: str = "last") -> Dict[str, Tuple[str, int]]:
+    """Where each permutation group of a traced spec can be observed: ``{group: (module, axis)}``.
+
+    ``spec.activation_points()`` lists, in execution order, every module output that carries the
+    group along one axis; ``which="first"`` takes the first (e.g. a Linear or conv output, before the
+    normalisation: REPAIR's statistics) and ``"last"`` the last (e.g. after the activation: Git
+    Re-Basin's activation matching). Use the result as ``points=[m for m, _ in pts.values()]`` and
+    ``feature_dim={m: d for m, d in pts.values()}`` in :func:`activation_stats` / :func:`cross_stats`.
+    """
+    if which not in ("first", "last"):
+        raise ValueError(f"which must be 'first' or 'last', got {which!r}")
+    out = {}
+    for group, where in spec.activation_points().items():
+        if where:
+            out[group] = where[0] if which == "first" else where[-1]
+    return out
 
 
 def resolve_points(model: nn.Module, points: Points) -> Dict[str, nn.Module]:

@@ -164,3 +164,33 @@ def test_unknown_point_and_bad_data():
         feat.capture(m, (torch.zeros(2, 1, 8, 8), torch.zeros(2)), [])
     st = feat.activation_stats(m, [(torch.zeros(2, 1, 8, 8), None)] * 3, ["conv1"], max_batches=2)
     assert st["conv1"].count == 2 * 2 * 64
+
+
+def test_group_points_recover_a_planted_permutation():
+    """Cross-correlations at the spec's group points between a model and its permuted copy have
+    their maximum at the planted permutation (the activation-matching oracle)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    import weightspace as ws
+    from weightspace import zoo
+
+    model = zoo.make("resnet20", norm="batch", seed=0)
+    x = zoo.example_inputs(model, batch=4)
+    spec = ws.permutation_spec(model, x)
+    perms = ws.random_permutation(spec, seed=3)
+    permuted = ws.permute(model, spec, perms)
+    for which in ("first", "last"):
+        pts = ws.features.group_points(spec, which=which)
+        assert set(pts) == set(spec.groups)
+        modules = list(dict.fromkeys(m for m, _ in pts.values()))
+        dims = {m: d for m, d in pts.values()}
+        data = (torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(32, dtype=torch.long))
+        stats = ws.features.cross_stats(permuted, model, data, modules, feature_dim=dims)
+        for group, (module, _) in pts.items():
+            corr = stats[module].corr.numpy()
+            rows, cols = linear_sum_assignment(corr, maximize=True)
+            assert np.array_equal(cols, perms[group].numpy()), (group, module)
+            assert np.allclose(corr[rows, cols], 1.0, atol=1e-3)  # corr = cov / (std std^T + eps)
+    with pytest.raises(ValueError, match="which"):
+        ws.features.group_points(spec, which="middle")
