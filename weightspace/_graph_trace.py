@@ -485,12 +485,36 @@ def _h_expand(g: GraphTrace, name, args, kwargs, out):
         g.set_feat(out, None, src=x, op=name)
 
 
+def _anchor_by_consumer(g: GraphTrace, f: Feat, key: str, axis: int) -> None:
+    """A layer with no permutation of its own (grouped-query attention output) moves like the input
+    axis of the weight that consumes it."""
+    layer = g.layers[f.layer]
+    if layer.anchor is None and layer.follows is None and layer.kind == "attention" and f.inner == 1:
+        layer.anchor = (key, axis)
+
+
+def _h_addmm(g: GraphTrace, name, args, kwargs, out):
+    """``addmm(bias, x, W)`` with a (in, out) weight: the Conv1D layer of GPT-2 style models."""
+    c, x, w = args[0], args[1], args[2]
+    key = g.key_of(w)
+    if key is None or id(x) not in g.feat or w.dim() != 2:
+        return _h_matmul(g, "matmul", (x, w), {}, out) if key is None else g.set_feat(out, None, src=x, op=name)
+    f = g.feat_in(x, -1, name)
+    _anchor_by_consumer(g, f, key, 0)
+    layer = g.new_layer(w.shape[1], "linear", anchor=(key, 1))
+    g.param_edges(key, w, f.layer, layer, 1, 0, "linear", inner=f.inner)
+    if g.key_of(c) is not None and c.dim() == 1:
+        g.node_feature(g.key_of(c), c, layer, 0, "bias")
+    g.set_feat(out, Feat(layer, (out.dim() - 1,)))
+
+
 def _h_linear(g: GraphTrace, name, args, kwargs, out):
     x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     key = g.key_of(w)
     if key is None:
         raise GraphError(f"linear in {g.where()} uses a weight computed from parameters; not supported")
     f = g.feat_in(x, -1, "linear")
+    _anchor_by_consumer(g, f, key, 1)
     layer = g.new_layer(w.shape[0], "linear", anchor=(key, 0))
     g.param_edges(key, w, f.layer, layer, 0, 1, "linear", inner=f.inner)
     if b is not None:
@@ -563,14 +587,22 @@ def _h_norm(g: GraphTrace, name, args, kwargs, out):
     g.set_feat(out, Feat(layer, f.dims))
 
 
-def _attention(g: GraphTrace, qf: Feat, kf: Feat, vf: Feat, heads: int, out_layer_size: int) -> int:
-    """Pair query and key units, and join each head's query units to that head's output units."""
-    lq, lk, lv = g.layers[qf.layer], g.layers[kf.layer], g.layers[vf.layer]
-    ar = torch.arange(lq.size)
-    g.add_edges(EdgeBlock(qf.layer, kf.layer, "qk", ar, ar, None))
-    att = g.new_layer(out_layer_size, "attention", follows=vf.layer)
-    g.identity_edges(vf.layer, att, "value")
-    dq, dv = lq.size // heads, lv.size // heads
+def _attention(g: GraphTrace, qf: Feat, kf: Feat, vf: Feat, heads: int, out_layer_size: int, kv_heads: Optional[int] = None) -> int:
+    """Pair each query unit with the key unit it multiplies, join each query head's units to that
+    head's output units, and copy the value units to the output (grouped-query attention: query head
+    ``h`` reads key/value head ``h // (heads / kv_heads)``)."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    group = heads // kv_heads
+    lq, lv = g.layers[qf.layer], g.layers[vf.layer]
+    dq, dv = lq.size // heads, lv.size // kv_heads
+    hq = torch.arange(heads).repeat_interleave(dq)
+    q_units = torch.arange(lq.size)
+    g.add_edges(EdgeBlock(qf.layer, kf.layer, "qk", q_units, (hq // group) * dq + q_units % dq, None))
+    # the output's units move with the value units when there is one query head per kv head; with
+    # groups they are anchored by the layer that consumes them (see _h_linear)
+    att = g.new_layer(out_layer_size, "attention", follows=vf.layer if group == 1 else None)
+    out_units = torch.arange(out_layer_size)
+    g.add_edges(EdgeBlock(vf.layer, att, "value", (out_units // dv // group) * dv + out_units % dv, out_units, None))
     h = torch.arange(heads).repeat_interleave(dq * dv)
     i = torch.arange(dq).repeat_interleave(dv).repeat(heads)
     j = torch.arange(dv).repeat(dq * heads)
@@ -613,10 +645,10 @@ def _h_sdpa(g: GraphTrace, name, args, kwargs, out):
     fq, fk, fv = (g.feat.get(id(t)) for t in (q, k, v))
     if None in (fq, fk, fv) or any(len(f.dims) != 2 for f in (fq, fk, fv)):
         raise GraphError(f"scaled_dot_product_attention in {g.where()} on inputs whose head layout is unknown")
-    heads = q.shape[fq.dims[0]]
+    heads, kv_heads = q.shape[fq.dims[0]], k.shape[fk.dims[0]]
     g.layers[fq.layer].kind, g.layers[fk.layer].kind, g.layers[fv.layer].kind = "query", "key", "value"
-    att = _attention(g, fq, fk, fv, heads, g.layers[fv.layer].size)
-    g.set_feat(out, Feat(att, fv.dims))
+    att = _attention(g, fq, fk, fv, heads, heads * (g.layers[fv.layer].size // kv_heads), kv_heads)
+    g.set_feat(out, Feat(att, fq.dims[:1] + fv.dims[1:]))
 
 
 def _h_mha(g: GraphTrace, name, args, kwargs, out):
@@ -654,7 +686,7 @@ def _h_mha(g: GraphTrace, name, args, kwargs, out):
 
 
 def _h_cat(g: GraphTrace, name, args, kwargs, out):
-    ts = [t for t in _arg(args, kwargs, 0, "tensors") if torch.is_tensor(t)]
+    ts = [t for t in _arg(args, kwargs, 0, "tensors") if torch.is_tensor(t) and t.numel() > 0]  # e.g. an empty KV cache
     dim = _norm_dim(int(_arg(args, kwargs, 1, "dim", 0)), out.dim())
     feats = [g.feat.get(id(t)) for t in ts]
     if all(f is not None and f.dims == (dim,) and f.inner == 1 for f in feats):
@@ -713,7 +745,7 @@ _HANDLERS = {
     "conv_transpose1d": _h_conv, "conv_transpose2d": _h_conv, "conv_transpose3d": _h_conv,
     "embedding": _h_embedding,
     "layer_norm": _h_norm, "rms_norm": _h_norm, "batch_norm": _h_norm, "instance_norm": _h_norm, "group_norm": _h_norm,
-    "matmul": _h_matmul, "rmatmul": _h_matmul, "bmm": _h_matmul,
+    "matmul": _h_matmul, "rmatmul": _h_matmul, "bmm": _h_matmul, "addmm": _h_addmm,
     "scaled_dot_product_attention": _h_sdpa,
     "multi_head_attention_forward": _h_mha,
     "cat": _h_cat, "concat": _h_cat, "concatenate": _h_cat,

@@ -923,12 +923,20 @@ def _sdpa(tr, name, args, kwargs, out):
     q, k, v = args[0], args[1], args[2]
     mask = _arg(args, kwargs, 3, "attn_mask")
     causal = _arg(args, kwargs, 5, "is_causal", False)
-    if q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2] or q.shape[-3] != k.shape[-3]:
-        raise _Unsupported("grouped-query attention or mismatched batch dims")
+    if q.dim() < 3 or q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
+        raise _Unsupported("mismatched batch dims")
+    hq, hkv = q.shape[-3], k.shape[-3]
+    if hq != hkv and not (_arg(args, kwargs, 7, "enable_gqa", False) and hq % hkv == 0):
+        raise _Unsupported("query and key head counts differ without enable_gqa")
     qs, ks, vs = tr.of(q), tr.of(k), tr.of(v)
-    for a, b, c in zip(qs[:-2], ks[:-2], vs[:-2]):
+    for a, b, c in zip(qs[:-3], ks[:-3], vs[:-3]):
         tr.union(a, b)
         tr.union(a, c)
+    tr.union(ks[-3], vs[-3])
+    if hq == hkv:
+        tr.union(qs[-3], ks[-3])
+    else:  # grouped-query attention: query head h reads kv head h // (hq / hkv)
+        tr.uf.set_layout(qs[-3], "product", [ks[-3], tr.fresh(hq // hkv, False)])
     tr.union(qs[-1], ks[-1])
     tr.union(ks[-2], vs[-2])
     if causal:

@@ -257,7 +257,10 @@ class NeuralGraph:
         """
         per: List[torch.Tensor] = []
         for i, l in enumerate(self.layers):
-            per.append(self._layer_perm(i, spec, perms, per))
+            p = self._layer_perm(i, spec, perms, per)
+            if p.numel() != l.size or not torch.equal(torch.sort(p).values, torch.arange(l.size)):
+                raise GraphError(f"layer {i} ({l.kind} in {l.name!r}) gets no valid relabelling from the spec; was the spec made for this model?")
+            per.append(p)
         return torch.cat([p + l.offset for p, l in zip(per, self.layers)]) if per else torch.zeros(0, dtype=torch.long)
 
     def _layer_perm(self, i: int, spec: PermutationSpec, perms, done: List[torch.Tensor]) -> torch.Tensor:
@@ -269,9 +272,9 @@ class NeuralGraph:
                 lay = lay.parts[l.anchor[2]] if lay.kind == "concat" else None
             return torch.arange(l.size) if lay is None else lay.index(perms)
         if l.follows is not None:
-            if l.kind == "split":
-                e = next(e for e in self._edges if e.dst_layer == i and e.kind == "split")
-                lo = int(e.endpoints()[0].min())
+            split = next((e for e in self._edges if e.dst_layer == i and e.kind == "split"), None)
+            if split is not None:  # a block of the parent layer (which may since have become query/key/value)
+                lo = int(split.endpoints()[0].min())
                 return done[l.follows][lo:lo + l.size] - lo
             return done[l.follows]
         if l.kind == "concat":

@@ -182,3 +182,33 @@ def test_unsupported_operations_fail_clearly_or_are_kept_verbatim():
 
     with pytest.raises(ws.graph.GraphError, match="cumsum"):
         ws.NeuralGraph.from_model(Odd(), torch.randn(2, 3))
+
+
+def test_gpt2_conv1d_and_grouped_query_attention_graphs():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=4, n_positions=12, bos_token_id=0, eos_token_id=0)
+    gpt = transformers.GPT2Model(cfg)
+    x = {"input_ids": torch.randint(0, 30, (2, 6))}
+    g, same, identity_same, _ = _relabelled_equal(gpt, x)
+    _round_trip(gpt, g)
+    assert same and not identity_same
+
+    class GQA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.q, self.k, self.v, self.o, self.out = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            b, s, _ = h.shape
+            q = self.q(h).view(b, s, 4, 2).transpose(1, 2)
+            k, v = (t(h).view(b, s, 2, 2).transpose(1, 2) for t in (self.k, self.v))
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(b, s, 8)
+            return self.out(h + self.o(y)).sum(1)
+
+    g, same, identity_same, _ = _relabelled_equal(GQA(), torch.randn(2, 5, 3))
+    assert same and not identity_same
+    G = g.to_networkx()
+    qk = [(s, d) for s, d, t in G.edges(data="type") if t == "qk"]
+    assert len(qk) == 8 and len({d for _, d in qk}) == 4  # two query heads share each key head

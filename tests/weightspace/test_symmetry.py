@@ -577,3 +577,33 @@ def test_every_reference_model(name, kw):
     assert not spec.info["blocked_ops"], spec.info["blocked_ops"]
     with pytest.raises(ws.SpecError):  # negative control: one broken axis must be caught
         ws.check_spec(model, _wrong_spec(spec), x, trials=2)
+
+
+def test_grouped_query_attention_sdpa():
+    """enable_gqa: query heads are (kv heads x group); moving a whole kv group, or query heads within
+    their group, is a symmetry."""
+
+    class GQA(nn.Module):
+        def __init__(self, d=16, hq=4, hkv=2):
+            super().__init__()
+            self.hq, self.hkv, self.dh = hq, hkv, d // hq
+            self.inp, self.out = nn.Linear(3, d), nn.Linear(d, 2)
+            self.q, self.k, self.v = nn.Linear(d, hq * self.dh), nn.Linear(d, hkv * self.dh), nn.Linear(d, hkv * self.dh)
+            self.o = nn.Linear(hq * self.dh, d)
+
+        def forward(self, x):
+            x = self.inp(x)
+            b, s, _ = x.shape
+            q = self.q(x).view(b, s, self.hq, self.dh).transpose(1, 2)
+            k = self.k(x).view(b, s, self.hkv, self.dh).transpose(1, 2)
+            v = self.v(x).view(b, s, self.hkv, self.dh).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return self.out(x + self.o(y.transpose(1, 2).reshape(b, s, -1))).sum(1)
+
+    torch.manual_seed(0)
+    m = GQA()
+    spec = _assert_symmetric(m, torch.randn(2, 5, 3), min_groups=4)
+    assert not spec.info["blocked_ops"]
+    q, k = spec.axes["q.weight"][0], spec.axes["k.weight"][0]
+    heads = q.parts[0]  # ((kv heads x group) x head_dim)
+    assert heads.kind == "product" and [p.size for p in heads.parts] == [2, 2] and heads.parts[0] == k.parts[0]
