@@ -24,7 +24,8 @@ def barrier_figure(curves, metric: str = "loss", split: Optional[str] = None, ki
         y = 1.0 - y if y is not None else np.asarray(c.values[sp][metric])
         b = c.barrier(metric, split=sp, kind=kind)
         fig.add_trace(go.Scatter(x=list(map(float, c.alphas)), y=list(map(float, y)), mode="lines+markers", name=f"{label} ({kind} barrier {b.value:.3g})"))
-    fig.update_layout(title=title or f"{metric} along the linear path ({split or 'first split'}; barrier: {kind})", xaxis_title="alpha (0 = A, 1 = B)", yaxis_title=metric, template="plotly_white")
+    fig.update_layout(title=title or f"{metric} along the linear path ({split or 'first split'}; barrier: {kind})", xaxis_title="alpha (0 = A, 1 = B)", yaxis_title=metric, template="plotly_white",
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.2, "xanchor": "left", "x": 0})
     return fig
 
 
