@@ -42,12 +42,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from weightspace._trace import _DUNDER_BASE as _DUNDER
-from weightspace._trace import _flatten, _op_name
+from weightspace._trace import _arg, _flatten, _op_name, traced_run
 from weightspace._utils import iter_batches
 
 log = logging.getLogger(__name__)
@@ -246,12 +245,6 @@ _POOLS = {"max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_
           "adaptive_max_pool1d", "adaptive_max_pool2d"}
 
 
-def _arg(args, kwargs, i: int, name: str, default=None):
-    if name in kwargs:
-        return kwargs[name]
-    return args[i] if len(args) > i else default
-
-
 def _renorm(t: torch.Tensor, s: float) -> Tuple[torch.Tensor, float]:
     """Rescale so that ``max(t) = 1`` (values stay ``t * exp(s)``)."""
     m = float(t.max()) if t.numel() else 0.0
@@ -270,13 +263,13 @@ class _Recipe(TorchFunctionMode):
     :class:`UnsupportedOperationError` names it and the module it ran in.
     """
 
-    def __init__(self, q: float, param_ids: set, module_names: Dict[int, str]):
+    def __init__(self, q: float, param_ids: set, modules: Dict[str, nn.Module]):
         super().__init__()
         self.q = q
         self.acts = WeakIdKeyDictionary()  # activation tensor -> (log scale, depth)
         self.param_ids = param_ids
-        self.module_names = module_names
-        self.module_stack: list = []
+        self.modules = modules  # name -> module, to name the module type in errors
+        self.module_stack: list = []  # names of the modules being run (kept by weightspace's traced_run)
         self.counts = {"maxpool_to_sumpool": 0, "batchnorm_folded": 0, "avgpool_corrected": 0, "linear": 0,
                        "conv": 0, "matmul": 0, "non_parameter_weights": 0}
         self.max_depth, self.K, self.pool_types = 0, 1, set()
@@ -293,8 +286,8 @@ class _Recipe(TorchFunctionMode):
     def where(self) -> str:
         if not self.module_stack:
             return "<top level>"
-        name, typ = self.module_stack[-1]
-        return f"{name or '<top level>'!r} ({typ})"
+        name = self.module_stack[-1]
+        return f"{name or '<top level>'!r} ({type(self.modules.get(name)).__name__})"
 
     def unsupported(self, what: str) -> UnsupportedOperationError:
         return UnsupportedOperationError(
@@ -676,24 +669,12 @@ def _run_ones(model: nn.Module, example_inputs, q: float, device=None) -> _Run:
     ex = _as_inputs(example_inputs)
     dev = torch.device(device) if device is not None else _model_device(model, ex)
     net = _float64_copy(model, dev)
-    names = {id(m): n for n, m in net.named_modules()}
-    rec = _Recipe(float(q), {id(p) for p in net.parameters()}, names)
+    rec = _Recipe(float(q), {id(p) for p in net.parameters()}, dict(net.named_modules()))
     ones = [torch.ones((1,) + tuple(t.shape[1:]), dtype=torch.float64, device=dev) for t in ex]
     for t in ones:
         rec.reg(t, 0.0, 0)
-
-    def pre(mod, inp):
-        rec.module_stack.append((names.get(id(mod), ""), type(mod).__name__))
-
-    def post(mod, inp, out):  # must return None: a forward hook's return value replaces the output
-        if rec.module_stack:
-            rec.module_stack.pop()
-
-    h1 = register_module_forward_pre_hook(pre)
-    h2 = register_module_forward_hook(post)
     try:
-        with torch.no_grad(), rec:
-            out = net(*ones)
+        out = traced_run(net, ones, rec, rec.module_stack)
     except UnsupportedOperationError:
         raise
     except Exception as exc:  # noqa: BLE001 - report where the run failed
@@ -702,9 +683,6 @@ def _run_ones(model: nn.Module, example_inputs, q: float, device=None) -> _Run:
             f"{[tuple(t.shape) for t in ones]} failed in module {rec.where()}: {type(exc).__name__}: {exc}. "
             "Check example_inputs (only their per-sample shapes are used); the model must run in eval mode "
             "in float64 on a batch of one sample.") from exc
-    finally:
-        h1.remove()
-        h2.remove()
     leaves, seen = [], set()
     for t in _flatten(out):
         if rec.is_act(t) and id(t) not in seen:
