@@ -27,7 +27,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
+from weightspace._trace import _IGNORE, _flatten, _op_name, traced_run
 from weightspace._utils import iter_batches
 
 log = logging.getLogger(__name__)
@@ -330,33 +332,75 @@ class NormMeasures:
         return d
 
 
-def _bn_scales(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Map layer name -> per-output-row BN scale ``gamma/sqrt(var+eps)`` for BN directly after it."""
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001
-        return {}, f"not folded: torch.fx could not trace the model ({type(exc).__name__})"
+class _BNPairs(TorchFunctionMode):
+    """Records, during one eager run, which Linear/Conv output each BatchNorm normalises and how
+    often every tensor is consumed (a layer folds only when the BatchNorm is its sole consumer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: List[str] = []
+        self.producer: Dict[int, str] = {}
+        self.uses: Dict[int, int] = {}
+        self.pairs: List[Tuple[int, str, str]] = []  # (id of the normalised tensor, layer, bn)
+        self._keep: List[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = _op_name(func)
+        if name in _IGNORE:  # shape queries are not consumers
+            return out
+        for t in _flatten((args, kwargs)):
+            if torch.is_tensor(t):
+                self.uses[id(t)] = self.uses.get(id(t), 0) + 1
+        here = self.stack[-1] if self.stack else ""
+        if name in ("linear", "conv1d", "conv2d", "conv3d") and torch.is_tensor(out):
+            self.producer[id(out)] = here
+            self._keep.append(out)
+        elif name == "batch_norm" and torch.is_tensor(args[0]) and id(args[0]) in self.producer:
+            self.pairs.append((id(args[0]), self.producer[id(args[0])], here))
+        return out
+
+
+def _bn_scales(model: nn.Module, example=None) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Map layer name -> per-output-row BN scale ``gamma/sqrt(var+eps)`` for a BN directly after it.
+
+    With an example batch the pairs come from one eager run (any Python control flow works); without
+    one, from a ``torch.fx`` trace of the module graph.
+    """
+    modules = dict(model.named_modules())
+    found: List[Tuple[str, str]] = []
+    if example is not None:
+        rec = _BNPairs()
+        try:
+            traced_run(model, example, rec, rec.stack)
+        except Exception as exc:  # noqa: BLE001
+            return {}, f"not folded: the model did not run on the first data batch ({type(exc).__name__})"
+        found = [(layer, bn) for tid, layer, bn in rec.pairs if rec.uses.get(tid, 0) == 1]
+    else:
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as exc:  # noqa: BLE001
+            return {}, f"not folded: no data to run the model on, and torch.fx could not trace it ({type(exc).__name__})"
+        for node in gm.graph.nodes:
+            src = node.args[0] if node.op == "call_module" and node.args else None
+            if isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1:
+                found.append((str(src.target), str(node.target)))
     scales = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        bn = gm.get_submodule(node.target)
+    for layer_name, bn_name in found:
+        layer, bn = modules.get(layer_name), modules.get(bn_name)
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
             continue
-        src = node.args[0] if node.args else None
-        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
-            continue
-        layer = gm.get_submodule(src.target)
         if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             a = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
             if bn.affine:
                 a = a * bn.weight.detach().double()
-            scales[str(src.target)] = a
+            scales[layer_name] = a
     return scales, f"folded {len(scales)} BatchNorm layer(s) into the preceding Linear/Conv"
 
 
-def _matrices(model: nn.Module, fold_bn: bool):
-    scales, note = _bn_scales(model) if fold_bn else ({}, "not folded (fold_bn=False)")
+def _matrices(model: nn.Module, fold_bn: bool, example=None):
+    scales, note = _bn_scales(model, example) if fold_bn else ({}, "not folded (fold_bn=False)")
     mats = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -420,7 +464,11 @@ def norm_measures(model: nn.Module, data=None, *, init_model: Optional[nn.Module
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not 0.0 <= margin_quantile <= 1.0:
         raise ValueError(f"margin_quantile must lie in [0, 1], got {margin_quantile}")
-    mats, note = _matrices(model, fold_bn)
+    example = None
+    if data is not None and fold_bn:
+        example = next(iter_batches(data, device))[0]
+        example = example.to(next(model.parameters()).device) if torch.is_tensor(example) and any(True for _ in model.parameters()) else example
+    mats, note = _matrices(model, fold_bn, example)
     if not mats:
         raise ValueError(f"{type(model).__name__} has no Linear/Conv layer to measure")
     layers, spec, frob = [], [], []
@@ -436,7 +484,7 @@ def norm_measures(model: nn.Module, data=None, *, init_model: Optional[nn.Module
                                 "log": "natural"}
     dist = None
     if init_model is not None:
-        mats0, _ = _matrices(init_model, fold_bn)
+        mats0, _ = _matrices(init_model, fold_bn, example)
         missing = [n for n in mats if n not in mats0 or mats0[n].shape != mats[n].shape]
         if missing:
             raise ValueError(f"init_model does not match the model at layers {missing} (names or shapes differ)")

@@ -168,3 +168,24 @@ def test_margin_on_hand_made_logits():
     assert analysis.norm_measures(net, (X2, torch.tensor([0]))).margin == pytest.approx(-2.0)
     with pytest.raises(ValueError, match="labels out of range"):
         analysis.norm_measures(net, (X2, torch.tensor([3])))
+
+
+def test_norm_measures_fold_batchnorm_in_models_fx_cannot_trace():
+    """The zoo MLP has Python control flow in forward (torch.fx fails); with data the BN pairs come
+    from an eager run, and folding equals scaling the rows by gamma / sqrt(var + eps)."""
+    from weightspace import zoo
+
+    model = zoo.MLP(64, (16, 8), 10, norm="batch", seed=0)
+    g = torch.Generator().manual_seed(0)
+    for bn in model.norms:
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
+        bn.weight.data.copy_(torch.randn(bn.weight.shape, generator=g))
+    X, Y = zoo.load_digits("test")
+    res = analysis.norm_measures(model, (X, Y), path_norm=False)
+    assert res.settings["bn"].startswith("folded 2")
+    layer = next(l for l in res.layers if l["name"] == "fc.0")
+    bn = model.norms[0]
+    W = (model.fc[0].weight.double() * (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps))[:, None]).detach()
+    assert layer["frobenius_sq"] == pytest.approx(float((W ** 2).sum()), rel=1e-10)
+    unfolded = analysis.norm_measures(model, (X, Y), path_norm=False, fold_bn=False)
+    assert next(l for l in unfolded.layers if l["name"] == "fc.0")["frobenius_sq"] != pytest.approx(layer["frobenius_sq"])
