@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from weightspace._trace import _IGNORE, _flatten, _op_name, traced_run
-from weightspace._utils import iter_batches
+from weightspace._utils import iter_batches, model_device
 
 log = logging.getLogger(__name__)
 
@@ -466,8 +466,7 @@ def norm_measures(model: nn.Module, data=None, *, init_model: Optional[nn.Module
         raise ValueError(f"margin_quantile must lie in [0, 1], got {margin_quantile}")
     example = None
     if data is not None and fold_bn:
-        example = next(iter_batches(data, device))[0]
-        example = example.to(next(model.parameters()).device) if torch.is_tensor(example) and any(True for _ in model.parameters()) else example
+        example = next(iter_batches(data, model_device(model)))[0]  # BN pairs are found on the model's device
     mats, note = _matrices(model, fold_bn, example)
     if not mats:
         raise ValueError(f"{type(model).__name__} has no Linear/Conv layer to measure")
