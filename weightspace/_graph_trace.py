@@ -228,10 +228,19 @@ class GraphTrace(TorchFunctionMode):
             entries = torch.arange(p.numel()).reshape(p.shape).permute(perm).reshape(-1) + offset
         self.add_node_feature(NodeFeature(layer, name, vals, key, entries))
 
-    def identity_edges(self, src: int, dst: int, kind: str, src_offset: int = 0, n: Optional[int] = None) -> None:
-        n = self.layers[dst].size if n is None else n
-        ar = torch.arange(n)
-        self.add_edges(EdgeBlock(src, dst, kind, ar, ar + src_offset if kind == "split" else ar, None))
+    def identity_edges(self, src: int, dst: int, kind: str) -> None:
+        """Value-1 edges joining unit i of ``src`` to unit i of ``dst``."""
+        ar = torch.arange(self.layers[dst].size)
+        self.add_edges(EdgeBlock(src, dst, kind, ar, ar, None))
+
+    def pass_derived(self, x: Any, out: Any) -> bool:
+        """If ``x`` is a parameter seen through a view (``W.t()``, ``pos.unsqueeze(0)``), let ``out`` be
+        one too; True when it was."""
+        if id(x) not in self.pderived:
+            return False
+        self.pderived[id(out)] = self.pderived[id(x)]
+        self._keep.append(out)
+        return True
 
     # -- dispatch -------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -285,10 +294,7 @@ def _h_unary(g: GraphTrace, name, args, kwargs, out):
         if name in _ACTIVATIONS and not g.layers[f.layer].activation:
             g.layers[f.layer].activation = name
         g.set_feat(out, f)
-    elif id(x) in g.pderived and out.shape == x.shape:
-        g.pderived[id(out)] = g.pderived[id(x)]
-        g._keep.append(out)
-    else:
+    elif not (out.shape == x.shape and g.pass_derived(x, out)):
         g.set_feat(out, None, src=x, op=name)
 
 
@@ -376,9 +382,7 @@ def _h_pool(g: GraphTrace, name, args, kwargs, out):
 
 def _h_reshape(g: GraphTrace, name, args, kwargs, out):
     x = args[0]
-    if id(x) in g.pderived:
-        g.pderived[id(out)] = g.pderived[id(x)]
-        g._keep.append(out)
+    if g.pass_derived(x, out):
         return
     f = g.feat.get(id(x))
     if f is None or not torch.is_tensor(out):
@@ -427,9 +431,7 @@ def _reshape_feat(f: Feat, ish: List[int], osh: List[int], n: int) -> Optional[F
 
 def _h_permute(g: GraphTrace, name, args, kwargs, out):
     x = args[0]
-    if id(x) in g.pderived:
-        g.pderived[id(out)] = g.pderived[id(x)]
-        g._keep.append(out)
+    if g.pass_derived(x, out):
         return
     f = g.feat.get(id(x))
     if f is None:
