@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from weightspace._trace import _DUNDER_BASE as _DUNDER
-from weightspace._trace import _arg, _flatten, _op_name, traced_run
+from weightspace._ops import _DUNDER_BASE as _DUNDER
+from weightspace._ops import _arg, _flatten, _op_name, traced_run
 from weightspace._utils import iter_batches
 
 log = logging.getLogger(__name__)

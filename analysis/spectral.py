@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from weightspace._trace import _IGNORE, _flatten, _op_name, traced_run
+from weightspace._ops import _IGNORE, _flatten, _op_name, traced_run
 from weightspace._utils import iter_batches, model_device
 
 log = logging.getLogger(__name__)
@@ -350,13 +350,15 @@ class _BNPairs(TorchFunctionMode):
         name = _op_name(func)
         if name in _IGNORE:  # shape queries are not consumers
             return out
+        for t in _flatten((args, kwargs, out)):
+            if torch.is_tensor(t):
+                self._keep.append(t)  # alive for the whole run, so no id is reused by a later tensor
         for t in _flatten((args, kwargs)):
             if torch.is_tensor(t):
                 self.uses[id(t)] = self.uses.get(id(t), 0) + 1
         here = self.stack[-1] if self.stack else ""
         if name in ("linear", "conv1d", "conv2d", "conv3d") and torch.is_tensor(out):
             self.producer[id(out)] = here
-            self._keep.append(out)
         elif name == "batch_norm" and torch.is_tensor(args[0]) and id(args[0]) in self.producer:
             self.pairs.append((id(args[0]), self.producer[id(args[0])], here))
         return out

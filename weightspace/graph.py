@@ -21,13 +21,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
-from weightspace._graph_trace import EdgeBlock, GraphError, GraphTrace, Layer, NodeFeature
+from weightspace._graph_ir import EdgeBlock, GraphError, Layer, NodeFeature
+from weightspace._graph_trace import GraphTrace
 from weightspace._spec import PermutationSpec
-from weightspace._trace import _flatten, _tensor_keys, traced_run
+from weightspace._ops import _flatten, traced_run
+from weightspace._trace import _tensor_keys
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from weightspace._spec import Axis, PermutationSpec, SpecError
-from weightspace._trace import _MHA_ARGS, TraceError, _call, _flatten, trace_dims
+from weightspace._ops import _MHA_ARGS, _call, _flatten
+from weightspace._trace import TraceError, trace_dims
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,4 @@
 """Sinkhorn and exact OT: agreement with POT, exact marginals, limits, annealing, rounding, bad input."""
-import warnings
 
 import numpy as np
 import ot

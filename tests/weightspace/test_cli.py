@@ -1,5 +1,4 @@
 """The weightspace command: spec, graph and a small demo, through main(argv)."""
-import pytest
 
 from weightspace.cli import main
 
