@@ -312,3 +312,48 @@ def _mha(tr, name, args, kwargs, out):
     if torch.is_tensor(weights):
         tr.set_out(weights, [tr.fresh(s, True) for s in weights.shape])
     tr._touch(*[t for t in _flatten((args, kwargs)) if torch.is_tensor(t)])
+
+
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _rnn(tr, name, args, kwargs, out):
+    """``_VF.lstm/gru/rnn_*`` (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): per layer and direction, the rows of
+    ``W_ih``, ``W_hh`` and the biases are ``gates`` blocks of the hidden units, ``W_hh``'s columns are the
+    hidden units, and ``W_ih``'s columns are the layer's input. With one layer and one direction the
+    hidden units form their own group; with several, the final states ``h_n``/``c_n`` stack every
+    layer's units on one axis, so all layers share one hidden permutation (a subgroup of the symmetry)."""
+    if len(args) < 9 or not isinstance(args[2], (list, tuple)):
+        raise _Unsupported("packed sequences")
+    x, hx, weights, has_bias, num_layers, _, _, bidirectional, _ = args[:9]
+    gates, D, per = _GATES[name], 2 if bidirectional else 1, 4 if has_bias else 2
+    if len(weights) != num_layers * D * per:
+        raise _Unsupported("recurrent projections (proj_size)")
+    H = weights[1].shape[1]
+    shared = tr.fresh(H, False)
+    hidden = [[shared if num_layers * D > 1 else tr.fresh(H, False) for _ in range(D)] for _ in range(num_layers)]
+    layer_in = tr.of(x)[-1]
+    for layer in range(num_layers):
+        for d in range(D):
+            w = weights[(layer * D + d) * per:(layer * D + d + 1) * per]
+            rows = tr.fresh(gates * H, False)
+            tr.uf.set_layout(rows, "concat", [hidden[layer][d]] * gates)
+            w_ih, w_hh = tr.of(w[0]), tr.of(w[1])
+            tr.union(w_ih[0], rows)
+            tr.union(w_ih[1], layer_in)
+            tr.union(w_hh[0], rows)
+            tr.union(w_hh[1], hidden[layer][d])
+            for b in w[2:]:
+                tr.union(tr.of(b)[0], rows)
+        layer_out = hidden[layer][0]
+        if D == 2:
+            layer_out = tr.fresh(2 * H, False)
+            tr.uf.set_layout(layer_out, "concat", hidden[layer])
+        layer_in = layer_out
+    for h in ([hx] if torch.is_tensor(hx) else list(hx)):  # initial states: (layers * directions, batch, H)
+        hs = tr.of(h)
+        tr.union(hs[-1], hidden[0][0] if num_layers * D == 1 else shared)
+    output, *states = [o for o in _flatten(out) if torch.is_tensor(o)]
+    tr.set_out(output, tr.of(x)[:-1] + [layer_in])
+    for s in states:
+        tr.set_out(s, [tr.fresh(n, True) for n in s.shape[:-1]] + [hidden[0][0] if num_layers * D == 1 else shared])

@@ -82,6 +82,7 @@ from weightspace._rules_layers import (
     _normalize,
     _pad,
     _pool,
+    _rnn,
     _sdpa,
 )
 from weightspace._spec import Axis, PermutationSpec
@@ -413,4 +414,8 @@ _RULES = {
     "upsample": _interpolate,
     "pad": _pad,
     "prop:data": _identity_like,
+    "lstm": _rnn,
+    "gru": _rnn,
+    "rnn_tanh": _rnn,
+    "rnn_relu": _rnn,
 }

@@ -607,3 +607,32 @@ def test_grouped_query_attention_sdpa():
     q, k = spec.axes["q.weight"][0], spec.axes["k.weight"][0]
     heads = q.parts[0]  # ((kv heads x group) x head_dim)
     assert heads.kind == "product" and [p.size for p in heads.parts] == [2, 2] and heads.parts[0] == k.parts[0]
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind, layers, bidirectional):
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        self.rnn = getattr(nn, kind)(5, 6, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.out = nn.Linear(6 * (2 if bidirectional else 1), 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(F.relu(self.inp(x)))
+        return self.out(h[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+def test_recurrent_layers(kind, layers, bidirectional):
+    """Hidden units permute the gate blocks of W_ih/W_hh rows, W_hh's columns and the biases."""
+    torch.manual_seed(0)
+    m = Recurrent(kind, layers, bidirectional)
+    x = torch.randn(2, 4, 3)
+    spec = _assert_symmetric(m, x, min_groups=2)
+    assert not spec.info["blocked_ops"]
+    rows = spec.axes["rnn.weight_ih_l0"][0]
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+    hidden = spec.axes["rnn.weight_hh_l0"][1]
+    assert (rows == hidden) if gates == 1 else (rows.kind == "concat" and list(rows.parts) == [hidden] * gates)
+    with pytest.raises(ws.SpecError):  # negative control: recurrent columns left in place
+        ws.check_spec(m, spec.with_axes({"rnn.weight_hh_l0": (spec.axes["rnn.weight_hh_l0"][0], None)}), x)
