@@ -2,7 +2,7 @@
 attributes only (``viz`` imports no analysis or merging code)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional
 
 import numpy as np
 
