@@ -10,6 +10,12 @@ Usage::
 
     python benchmarks/bench_solvers.py            # n in {64, 256, 1024}, B in {1, 16, 128}
     python benchmarks/bench_solvers.py --quick    # n in {64, 256}, B in {1, 16}
+    python benchmarks/bench_solvers.py --quick --schedules fast,legacy --no-pot   # before/after
+
+``--schedules`` lists the torch auction schedules to run side by side (``fast``: the current default;
+``legacy``: the previous one, ``auction_options={"schedule": "legacy"}``); for each one the torch
+columns give the time, the ratio to the SciPy loop, and the auction's bidding rounds, certificate
+sweeps and host synchronisations (``LinearAssignmentResult.stats``).
 
 Times are the best of ``--repeat`` runs (wall clock, ``torch.set_num_threads`` as given). Combinations
 whose estimated time exceeds ``--budget`` seconds for a backend are skipped and marked ``skip``.
@@ -61,26 +67,36 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget", type=float, default=60.0, help="skip a backend predicted slower than this (s)")
+    ap.add_argument("--schedules", default="fast", help="comma list of torch auction schedules: fast,legacy")
+    ap.add_argument("--no-pot", action="store_true", help="skip POT's batched solver")
+    ap.add_argument("--ns", default=None, help="comma list of sizes n (overrides --quick)")
+    ap.add_argument("--Bs", default=None, help="comma list of batch sizes B (overrides --quick)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     ns = [64, 256] if args.quick else [64, 256, 1024]
     Bs = [1, 16] if args.quick else [1, 16, 128]
+    ns = [int(x) for x in args.ns.split(",")] if args.ns else ns
+    Bs = [int(x) for x in args.Bs.split(",")] if args.Bs else Bs
+    scheds = [x.strip() for x in args.schedules.split(",") if x.strip()]
     try:
         import ot
         import ot.batch  # noqa: F401
         pot = f"ot.batch.solve_batch (POT {ot.__version__})"
     except Exception:  # pragma: no cover - depends on the environment
         ot, pot = None, "absent"
+    if args.no_pot:
+        ot, pot = None, "not run (--no-pot)"
     cuda = torch.cuda.is_available()
     print(f"# machine: {platform.processor() or platform.machine()}, torch threads {args.threads}, "
           f"CUDA {'yes: ' + torch.cuda.get_device_name() if cuda else 'no'}; POT batched: {pot}")
-    head = ("| B | n | scipy loop (s) | auto (s) | auto/scipy | torch CPU (s) | torch/scipy | fallbacks |"
+    tcols = "".join(f" torch {k} CPU (s) | {k}/scipy | {k} rounds | {k} sweeps | {k} syncs |" for k in scheds)
+    head = ("| B | n | scipy loop (s) | auto (s) | auto/scipy |" + tcols + " fallbacks |"
             " max rel gap torch | POT batch (s) | POT rel gap | scipy peak MiB | torch CUDA (s) | CUDA/scipy |"
             " CUDA peak MiB |")
     print(head)
     print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
     rng = np.random.default_rng(0)
-    torch_rate = None  # seconds per (B * n^2) measured on the previous run, for skip predictions
+    torch_rate = {k: None for k in scheds}  # s per (B * n^2) of the previous run, for skip predictions
     for n in ns:
         for B in Bs:
             C = rng.random((B, n, n))
@@ -94,14 +110,21 @@ def main(argv=None):
             peak = _peak_tracemalloc(lambda: _scipy_loop(C)) / 2**20
             assert np.allclose(ra.objective, ref, rtol=1e-12)
             row = [str(B), str(n), f"{t_sp:.4f}", f"{t_auto:.4f}", f"{t_auto / t_sp:.2f}"]
-            pred = None if torch_rate is None else torch_rate * B * n * n * (n / 64) ** 0.5
-            if pred is not None and pred > args.budget:
-                row += ["skip", "-", "-", "-"]
-            else:
-                t_to, rt = _best(lambda: S.linear_assignment(Ct, method="torch"), 1)
-                torch_rate = t_to / (B * n * n * (n / 64) ** 0.5)
-                gap = np.max(np.abs(rt.objective.numpy() - ref) / np.abs(ref))
-                row += [f"{t_to:.3f}", f"{t_to / t_sp:.1f}", str(rt.n_fallback), f"{gap:.1e}"]
+            fb, gap = 0, 0.0
+            for k in scheds:
+                rate = torch_rate[k]
+                pred = None if rate is None else rate * B * n * n * (n / 64) ** 0.5
+                if pred is not None and pred > args.budget:
+                    row += ["skip", "-", "-", "-", "-"]
+                    continue
+                opts = {"schedule": k}
+                t_to, rt = _best(lambda: S.linear_assignment(Ct, method="torch", auction_options=opts), 1)
+                torch_rate[k] = t_to / (B * n * n * (n / 64) ** 0.5)
+                gap = max(gap, float(np.max(np.abs(rt.objective.numpy() - ref) / np.abs(ref))))
+                fb += rt.n_fallback
+                st = rt.stats
+                row += [f"{t_to:.3f}", f"{t_to / t_sp:.1f}", str(st.rounds), str(st.cert_sweeps), str(st.syncs)]
+            row += [str(fb), f"{gap:.1e}"]
             if ot is not None and B * n * n <= 2 ** 20:
                 Mt = torch.from_numpy(C)
                 t_pot, rp = _best(lambda: ot.batch.solve_batch(Mt, reg=POT_REG, max_iter=1000, tol=1e-5,

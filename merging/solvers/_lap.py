@@ -14,7 +14,7 @@ Backends
              answer is always exact (up to float64 round-off of the order of SciPy's own).
              Rectangular problems are padded to square with constant-cost dummy rows/columns.
 ``"auto"``   SciPy. Measured on a shared 2-core CPU (benchmarks/solvers_results.md) the torch auction
-             is ~100-1000x slower than the SciPy loop for every size merging uses (n = 64..1024,
+             is ~10-300x slower than the SciPy loop for every size merging uses (n = 64..1024,
              B = 1..128), so ``auto`` never picks it on CPU. On CUDA it is picked only for batches of at least ``AUTO_CUDA_MIN_BATCH``
              problems of size at most ``AUTO_CUDA_MAX_N`` (unmeasured: no GPU was available; the
              benchmark prints the CUDA ratio so the thresholds can be set from a measurement).
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -60,6 +60,9 @@ class LinearAssignmentResult:
         The backend that ran (``"scipy"`` or ``"torch"``), after resolving ``"auto"``.
     n_fallback : int
         Problems of the batch the torch backend could not certify and re-solved with SciPy.
+    stats : AuctionStats or None
+        Torch backend only: phases, bidding rounds, certificate sweeps and host synchronisations of
+        the auction (``merging.solvers._auction.AuctionStats``); ``None`` for SciPy.
     """
 
     row_ind: Any
@@ -68,6 +71,7 @@ class LinearAssignmentResult:
     maximize: bool
     method: str
     n_fallback: int = 0
+    stats: Any = None
 
 
 def _choose(method: str, C: torch.Tensor, device: torch.device) -> str:
@@ -94,7 +98,7 @@ def _scipy_batch(C: np.ndarray, maximize: bool):
     return rows, cols
 
 
-def _torch_batch(C: torch.Tensor, maximize: bool, seed: int):
+def _torch_batch(C: torch.Tensor, maximize: bool, seed: int, options: Optional[dict] = None):
     """Rows/cols (B, k) via the certified auction; uncertified problems re-solved with SciPy."""
     B, n, m = C.shape
     transposed = n > m
@@ -103,7 +107,7 @@ def _torch_batch(C: torch.Tensor, maximize: bool, seed: int):
     nr, nc = S.shape[1], S.shape[2]  # nr <= nc
     if nr < nc:  # dummy rows of cost 0: optimal square solutions restrict to optimal ones
         S = torch.cat([S, S.new_zeros(B, nc - nr, nc)], dim=1)
-    sigma, certified, stats = auction_square(S.contiguous(), seed=seed)
+    sigma, certified, stats = auction_square(S.contiguous(), seed=seed, **(options or {}))
     sigma = sigma[:, :nr]
     n_fb = int((~certified).sum())
     if n_fb:
@@ -113,16 +117,16 @@ def _torch_batch(C: torch.Tensor, maximize: bool, seed: int):
         sigma[bad] = torch.as_tensor(c, device=sigma.device)
     if not transposed:
         rows = torch.arange(nr, device=C.device).expand(B, nr)
-        return rows, sigma, n_fb
+        return rows, sigma, n_fb, stats
     # sigma maps each column of C (row of S) to a row of C; sort pairs by row like SciPy does
     order = sigma.argsort(dim=1)
     rows = sigma.gather(1, order)
     cols = torch.arange(nr, device=C.device).expand(B, nr).gather(1, order)
-    return rows, cols, n_fb
+    return rows, cols, n_fb, stats
 
 
-def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *, seed: int = 0
-                      ) -> LinearAssignmentResult:
+def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *, seed: int = 0,
+                      auction_options: Optional[dict] = None) -> LinearAssignmentResult:
     """Solve ``min`` (or ``max``) ``sum_k cost[row_ind[k], col_ind[k]]`` over one-to-one matchings.
 
     Parameters
@@ -138,6 +142,10 @@ def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *
     seed : int
         Seed of the torch auction's tie-breaking jitter (the objective does not depend on it; with
         ties, which optimal matching is returned may).
+    auction_options : dict, optional
+        Torch backend only: keyword settings of ``merging.solvers._auction.auction_square``, e.g.
+        ``{"schedule": "legacy"}`` for the previous schedule or ``{"warm": "none"}``. They change
+        speed, never the optimum (every answer is still certified or re-solved with SciPy).
 
     Returns
     -------
@@ -153,7 +161,9 @@ def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *
     meth = _choose(method, C, kind.device)
     B, n, m = C.shape
     k = min(n, m)
-    n_fb = 0
+    n_fb, stats = 0, None
+    if auction_options is not None and not isinstance(auction_options, dict):
+        raise TypeError(f"auction_options must be a dict or None, got {type(auction_options).__name__}")
     if k == 0 or B == 0:
         rows = torch.zeros(B, 0, dtype=torch.long)
         cols = torch.zeros(B, 0, dtype=torch.long)
@@ -169,12 +179,12 @@ def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *
     else:
         if kind.is_numpy:
             C = C.to(kind.device)
-        rows, cols, n_fb = _torch_batch(C, maximize, seed)
+        rows, cols, n_fb, stats = _torch_batch(C, maximize, seed, auction_options)
     Cd = C.to(rows.device)
     obj = Cd[torch.arange(B, device=rows.device)[:, None], rows, cols].sum(-1) if k else \
         torch.zeros(B, dtype=torch.float64, device=rows.device)
     return LinearAssignmentResult(row_ind=kind.out(rows), col_ind=kind.out(cols), objective=kind.out(obj),
-                                  maximize=bool(maximize), method=meth, n_fallback=n_fb)
+                                  maximize=bool(maximize), method=meth, n_fallback=n_fb, stats=stats)
 
 
 @dataclass(frozen=True)

@@ -206,3 +206,49 @@ def test_hierarchical_bad_shape():
         S.hierarchical_assignment(np.zeros((3, 3, 3)))
     with pytest.raises(ValueError, match="empty axis"):
         S.hierarchical_assignment(np.zeros((2, 2, 0, 3)))
+
+
+def test_fast_schedule_exact_and_fewer_rounds_and_syncs_than_legacy():
+    """Warm start + block rounds + early certificates: same optimum as SciPy, fewer rounds and syncs."""
+    C = np.random.default_rng(7).random((4, 48, 48))
+    ref = _scipy_obj(C, False)
+    Ct = torch.from_numpy(C)
+    new = S.linear_assignment(Ct, method="torch", auction_options={"schedule": "fast"})
+    old = S.linear_assignment(Ct, method="torch", auction_options={"schedule": "legacy"})
+    assert S.linear_assignment(Ct, method="torch").stats.schedule == "legacy"  # "auto" on the CPU
+    for res in (new, old):
+        np.testing.assert_allclose(res.objective.numpy(), ref, rtol=1e-9)
+        _check_valid(res, C)
+        assert res.n_fallback == 0 and res.stats.n_certified == 4
+    assert new.stats.schedule == "fast" and old.stats.schedule == "legacy"
+    assert 0 < new.stats.rounds < old.stats.rounds
+    assert 0 < new.stats.syncs < old.stats.syncs / 5
+    assert new.stats.phases < old.stats.phases  # early certificate stops before eps_min
+    assert S.linear_assignment(C, method="scipy").stats is None
+
+
+@pytest.mark.parametrize("opts", [{"warm": "none"}, {"warm": "colmin"}, {"warm": "sinkhorn", "eps0": 0.5},
+                                  {"block": 1, "early_sweeps": 1}, {"theta": 0.5, "check_below": 1.0}])
+@pytest.mark.parametrize("family", ["tied", "dynamic_range", "wide_tied", "tall", "rank1"])
+def test_fast_schedule_options_stay_exact(opts, family):
+    C = _families(np.random.default_rng(3))[family]
+    res = S.linear_assignment(torch.from_numpy(C), method="torch", auction_options={"schedule": "fast", **opts})
+    np.testing.assert_allclose(res.objective.numpy(), _scipy_obj(C, False), rtol=1e-9, atol=1e-300)
+    _check_valid(res, C)
+
+
+def test_auction_options_bad():
+    C = np.random.default_rng(0).random((2, 5, 5))
+    with pytest.raises(TypeError, match="auction_options"):
+        S.linear_assignment(C, method="torch", auction_options=["legacy"])
+    with pytest.raises(ValueError, match="schedule"):
+        S.linear_assignment(C, method="torch", auction_options={"schedule": "fastest"})
+    with pytest.raises(ValueError, match="warm"):
+        S.linear_assignment(C, method="torch", auction_options={"warm": "hot"})
+
+
+def test_fast_only_options_select_or_reject():
+    C = torch.from_numpy(np.random.default_rng(1).random((2, 6, 6)))
+    assert S.linear_assignment(C, method="torch", auction_options={"warm": "colmin"}).stats.schedule == "fast"
+    with pytest.raises(ValueError, match="schedule='fast' only"):
+        S.linear_assignment(C, method="torch", auction_options={"schedule": "legacy", "block": 4})
