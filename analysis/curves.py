@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from analysis import _eval
 from analysis.connectivity import InterpolationCurve, _fn_name, _jsonable, _metric_names
-from weightspace._utils import iter_batches
+from weightspace._utils import shuffled_batches
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +191,6 @@ class ModeCurve:
         return CurveEvaluation(alphas=ts, values=values, settings=settings, arc_length=arc)
 
 
-def _train_batches(data: Any, batch_size: Optional[int], gen: torch.Generator, device):
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]) and batch_size:
-        X, Y = data
-        perm = torch.randperm(X.shape[0], generator=gen)
-        for i in range(0, X.shape[0], batch_size):
-            idx = perm[i:i + batch_size]
-            yield X[idx].to(device), Y[idx].to(device)
-    else:
-        yield from iter_batches(data, device)
-
-
 def train_curve(model_a: nn.Module, model_b: nn.Module, data: Any, kind: str = "bezier", bends: int = 1,
                 epochs: int = 20, lr: float = 0.01, weight_decay: float = 0.0, seed: int = 0, device=None, *,
                 loss_fn: Optional[Callable] = None, optimizer: str = "sgd", momentum: float = 0.9,
@@ -273,7 +262,7 @@ def train_curve(model_a: nn.Module, model_b: nn.Module, data: Any, kind: str = "
         torch.manual_seed(int(seed))
         for ep in range(epochs):
             tot, cnt = 0.0, 0
-            for x, y in _train_batches(data, batch_size, gen, dev):
+            for x, y in shuffled_batches(data, batch_size, gen, dev):
                 _eval._check_inputs(x)
                 t = torch.rand((), generator=gen, dtype=torch.float64)
                 c = _torch_basis(kind, n, t)

@@ -77,3 +77,25 @@ def iter_batches(data: Any, device: DeviceLike = None) -> Iterator[Tuple[Any, An
             yield _to(batch, dev), None
     if n == 0:
         raise ValueError("data is empty: the iterable yielded no batch")
+
+
+def shuffled_batches(data: Any, batch_size: Optional[int], generator: torch.Generator, device: DeviceLike = None) -> Iterator[Tuple[Any, Any]]:
+    """One epoch of mini-batches for training.
+
+    A pair ``(X, Y)`` with a ``batch_size`` is shuffled with ``generator`` (seeded by the caller, so
+    epochs are reproducible) and cut into batches of ``batch_size`` rows; anything else (a DataLoader,
+    or ``batch_size=None`` for full batches) is iterated as :func:`iter_batches` does.
+    """
+    if not (isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]) and batch_size):
+        yield from iter_batches(data, device)
+        return
+    X, Y = data
+    if X.shape[0] == 0:
+        raise ValueError("data is empty: the input tensor has 0 rows")
+    if not torch.is_tensor(Y) or Y.shape[0] != X.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0] if torch.is_tensor(Y) else type(Y).__name__}")
+    dev = None if device is None else resolve_device(device)
+    order = torch.randperm(X.shape[0], generator=generator)
+    for i in range(0, X.shape[0], batch_size):
+        idx = order[i:i + batch_size]
+        yield _to(X[idx], dev), _to(Y[idx], dev)

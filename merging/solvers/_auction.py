@@ -203,6 +203,16 @@ def certify(C: torch.Tensor, sigma: torch.Tensor, p0: torch.Tensor, max_sweeps: 
     return settled, p, sweeps, syncs
 
 
+def _normalise(C: torch.Tensor):
+    """Shift and scale each problem to ``[0, 1]`` (no optimal assignment changes). Returns the scaled
+    costs, each problem's range (B, 1, 1) (prices times it are prices of the original costs) and
+    ``flat`` (B,), marking problems whose entries are all equal (every permutation is optimal)."""
+    cmin = C.amin((1, 2), keepdim=True)
+    rng = C.amax((1, 2), keepdim=True) - cmin
+    flat = (rng <= 0).view(C.shape[0])
+    return (C - cmin) / torch.where(rng > 0, rng, torch.ones_like(rng)), rng, flat
+
+
 _FAST_DEFAULTS = {"warm": None, "block": 16, "early_sweeps": 64, "sinkhorn_reg": 1e-2, "sinkhorn_iters": 30}
 
 
@@ -263,10 +273,7 @@ def auction_square(C: torch.Tensor, *, schedule: str = "auto", theta: Optional[f
     B, n, n2 = C.shape
     assert n == n2
     dev = C.device
-    cmin = C.amin((1, 2), keepdim=True)
-    rng = C.amax((1, 2), keepdim=True) - cmin
-    flat = (rng <= 0).view(B)
-    Cn = (C - cmin) / torch.where(rng > 0, rng, torch.ones_like(rng))
+    Cn, rng, flat = _normalise(C)
     ident = torch.arange(n, device=dev).expand(B, n)
     if n == 1:
         return torch.zeros(B, 1, dtype=torch.long, device=dev), torch.ones(B, dtype=torch.bool, device=dev), \
@@ -350,10 +357,7 @@ def _auction_legacy(C: torch.Tensor, *, theta: float = 0.1, eps0: float = 0.05, 
     B, n, n2 = C.shape
     assert n == n2
     dev = C.device
-    cmin = C.amin((1, 2), keepdim=True)
-    rng = C.amax((1, 2), keepdim=True) - cmin
-    flat = (rng <= 0).view(B)
-    Cn = (C - cmin) / torch.where(rng > 0, rng, torch.ones_like(rng))
+    Cn, rng, flat = _normalise(C)
     prices = torch.zeros(B, n, dtype=C.dtype, device=dev)
     row2col = torch.full((B, n), -1, dtype=torch.long, device=dev)
     col2row = torch.full((B, n), -1, dtype=torch.long, device=dev)

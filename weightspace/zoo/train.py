@@ -12,13 +12,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weightspace._utils import iter_batches, model_device, resolve_device
+from weightspace._utils import iter_batches, model_device, resolve_device, shuffled_batches
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,6 @@ def _check_targets(logits: torch.Tensor, y: Optional[torch.Tensor]) -> None:
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
         raise ValueError(f"labels range over [{int(y.min())}, {int(y.max())}] but the model has "
                          f"{logits.shape[1]} outputs; labels must lie in [0, {logits.shape[1] - 1}]")
-
-
-def _epoch_batches(data: Any, batch_size: int, gen: torch.Generator, device: torch.device
-                   ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]):
-        X, Y = data
-        if X.shape[0] == 0:
-            raise ValueError("data is empty: the input tensor has 0 rows")
-        if not torch.is_tensor(Y) or Y.shape[0] != X.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} rows but Y has "
-                             f"{Y.shape[0] if torch.is_tensor(Y) else type(Y).__name__}")
-        order = torch.randperm(X.shape[0], generator=gen)
-        for i in range(0, X.shape[0], batch_size):
-            idx = order[i:i + batch_size]
-            yield X[idx].to(device), Y[idx].to(device)
-    else:
-        yield from iter_batches(data, device)
 
 
 def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, optimizer: str = "adam",
@@ -164,7 +147,7 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
             for epoch in range(int(epochs)):
                 model.train()
                 tot_loss, tot_correct, tot_n, n_batches = 0.0, 0, 0, 0
-                for x, y in _epoch_batches(data, int(batch_size), gen, dev):
+                for x, y in shuffled_batches(data, int(batch_size), gen, dev):
                     if schedule == "cosine":
                         if total_steps is None:  # steps per epoch are known after the first epoch
                             total_steps = _count_steps(data, int(batch_size)) * int(epochs)
