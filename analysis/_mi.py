@@ -112,12 +112,6 @@ def binned_symbols(t: np.ndarray, bins: int = 30, binning: str = "adaptive",
     return symbols(digitize(tf, edges))
 
 
-def _to_symbols(a: np.ndarray, discrete: Optional[bool], **bin_opts: Any) -> np.ndarray:
-    if discrete is None:
-        discrete = is_discrete(a)
-    return symbols(a) if discrete else binned_symbols(a, **bin_opts)
-
-
 # ----------------------------------------------------------------------------------------- KDE
 def _neg_mean_log_mean_exp(t: np.ndarray, var: float, chunk: int = 1024) -> float:
     """``-(1/N) sum_i log (1/N) sum_j exp(-||t_i - t_j||^2 / (2 var))`` in float64, by row chunks.

@@ -51,7 +51,6 @@ _BINARY = set(
     xlogy mod""".split()
 )
 _REDUCE = set("sum mean amax amin prod var std logsumexp all any nansum nanmean count_nonzero norm vector_norm".split())
-_REDUCE_ARG = set("argmax argmin".split())
 _NEUTRAL_LIKE = set("zeros_like ones_like empty_like full_like".split())
 _NEUTRAL_NEW = set("zeros ones empty full new_zeros new_ones new_empty new_full".split())
 _RESHAPE = set("view reshape flatten unflatten view_as reshape_as squeeze unsqueeze ravel".split())

@@ -109,7 +109,6 @@ class DimTrace(TorchFunctionMode):
         self.visited: set = set()  # ids of parameter/buffer tensors a rule has consumed
         self.param_ids: set = set()
         self.module_stack: List[str] = []
-        self.records: List[Tuple[str, str, List[int]]] = []  # (op, module, ids of params used)
         self.module_outputs: List[Tuple[str, List[int]]] = []  # (module name, dim nodes of its output)
 
     # -- node helpers ---------------------------------------------------------------------------
@@ -157,9 +156,6 @@ class DimTrace(TorchFunctionMode):
         tensors_out = [o for o in _flatten(out) if torch.is_tensor(o)]
         if not tensors_out and not any(id(t) in self.param_ids for t in tensors_in):
             return out
-        params = [id(t) for t in tensors_in if id(t) in self.param_ids]
-        if params:
-            self.records.append((name, self.module_stack[-1] if self.module_stack else "", params))
         try:
             rule = _RULES.get(name)
             if rule is None:
