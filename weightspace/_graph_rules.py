@@ -230,8 +230,10 @@ def _h_addmm(g: GraphTrace, name, args, kwargs, out):
     """``addmm(bias, x, W)`` with a (in, out) weight: the Conv1D layer of GPT-2 style models."""
     c, x, w = args[0], args[1], args[2]
     key = g.key_of(w)
-    if key is None or id(x) not in g.feat or w.dim() != 2:
-        return _h_matmul(g, "matmul", (x, w), {}, out) if key is None else g.set_feat(out, None, src=x, op=name)
+    if key is None:  # a product of activations (or of computed weights): as matmul
+        return _h_matmul(g, "matmul", (x, w), {}, out)
+    if id(x) not in g.feat or w.dim() != 2:
+        return g.set_feat(out, None, src=x, op=name)
     f = g.feat_in(x, -1, name)
     _anchor_by_consumer(g, f, key, 0)
     layer = g.new_layer(w.shape[1], "linear", anchor=(key, 1))

@@ -146,9 +146,8 @@ class NeuralGraph:
                 log.warning("NeuralGraph: parameter %s is used by %s, which the graph does not represent; it is kept verbatim in graph.extras", k, g.unsupported[k])
         meta = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
         info = {"unsupported": dict(g.unsupported), "extras": sorted(extras)}
-        edges = [e for e in g.edges]
         nfs = [nf for nf in g.node_feats if nf.key is None or nf.key in persistent]
-        return cls(g.layers, edges, nfs, extras, meta, info)
+        return cls(g.layers, g.edges, nfs, extras, meta, info)
 
     def _depths(self) -> torch.Tensor:
         depth = [0] * len(self.layers)
