@@ -11,11 +11,16 @@ Usage::
     python benchmarks/bench_solvers.py            # n in {64, 256, 1024}, B in {1, 16, 128}
     python benchmarks/bench_solvers.py --quick    # n in {64, 256}, B in {1, 16}
     python benchmarks/bench_solvers.py --quick --schedules fast,legacy --no-pot   # before/after
+    python benchmarks/bench_solvers.py --crossover  # threaded SciPy batch vs one thread, n x B grid
 
 ``--schedules`` lists the torch auction schedules to run side by side (``fast``: the current default;
 ``legacy``: the previous one, ``auction_options={"schedule": "legacy"}``); for each one the torch
 columns give the time, the ratio to the SciPy loop, and the auction's bidding rounds, certificate
 sweeps and host synchronisations (``LinearAssignmentResult.stats``).
+
+``auto`` runs SciPy on ``--threads`` threads for batches above ``THREAD_MIN_ENTRIES`` /
+``THREAD_MIN_PROBLEM`` (``merging.solvers._lap``); ``--crossover`` prints the grid those thresholds come
+from: time with one thread / time with ``--threads`` threads, per n and B.
 
 Times are the best of ``--repeat`` runs (wall clock, ``torch.set_num_threads`` as given). Combinations
 whose estimated time exceeds ``--budget`` seconds for a backend are skipped and marked ``skip``.
@@ -61,6 +66,30 @@ def _peak_tracemalloc(fn):
     return peak
 
 
+def _crossover(args):
+    """Print time(workers=1) / time(workers=--threads) of a SciPy batch for a grid of n and B."""
+    ns = [int(x) for x in args.ns.split(",")] if args.ns else [8, 16, 32, 48, 64, 128, 256]
+    Bs = [int(x) for x in args.Bs.split(",")] if args.Bs else [2, 4, 16, 128]
+    print(f"# machine: {platform.processor() or platform.machine()}; one thread / {args.threads} threads "
+          "(> 1: threads win); * marks where auto threads")
+    print("| n | " + " | ".join(f"B={B}" for B in Bs) + " |")
+    print("|---" * (len(Bs) + 1) + "|")
+    rng = np.random.default_rng(0)
+    for n in ns:
+        row = [str(n)]
+        for B in Bs:
+            C = rng.random((B, n, n))
+            reps = max(1, int(2e6 // (B * n * n)))
+            t1 = t2 = float("inf")
+            for _ in range(args.repeat + 2):  # interleaved, best of
+                t1 = min(t1, _best(lambda: [S.linear_assignment(C, workers=1) for _ in range(reps)], 1)[0])
+                t2 = min(t2, _best(lambda: [S.linear_assignment(C, workers=args.threads) for _ in range(reps)],
+                                   1)[0])
+            auto = S._lap._n_workers(None, B, n * n) > 1  # noqa: SLF001 - the benchmark reports the rule
+            row.append(f"{t1 / t2:.2f}{'*' if auto else ''}")
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -71,8 +100,11 @@ def main(argv=None):
     ap.add_argument("--no-pot", action="store_true", help="skip POT's batched solver")
     ap.add_argument("--ns", default=None, help="comma list of sizes n (overrides --quick)")
     ap.add_argument("--Bs", default=None, help="comma list of batch sizes B (overrides --quick)")
+    ap.add_argument("--crossover", action="store_true", help="only the threaded-SciPy crossover grid")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.crossover:
+        return _crossover(args)
     ns = [64, 256] if args.quick else [64, 256, 1024]
     Bs = [1, 16] if args.quick else [1, 16, 128]
     ns = [int(x) for x in args.ns.split(",")] if args.ns else ns
@@ -92,7 +124,7 @@ def main(argv=None):
     tcols = "".join(f" torch {k} CPU (s) | {k}/scipy | {k} rounds | {k} sweeps | {k} syncs |" for k in scheds)
     head = ("| B | n | scipy loop (s) | auto (s) | auto/scipy |" + tcols + " fallbacks |"
             " max rel gap torch | POT batch (s) | POT rel gap | scipy peak MiB | torch CUDA (s) | CUDA/scipy |"
-            " CUDA peak MiB |")
+            " CUDA peak MiB | auto, CUDA input (s) | auto CUDA-in/scipy |")
     print(head)
     print("|" + "|".join(["---"] * (head.count("|") - 1)) + "|")
     rng = np.random.default_rng(0)
@@ -141,8 +173,12 @@ def main(argv=None):
                 t_cu, rc = _best(lambda: S.linear_assignment(Cg, method="torch"), args.repeat)
                 assert np.allclose(rc.objective.cpu().numpy(), ref, rtol=1e-9)
                 row += [f"{t_cu:.4f}", f"{t_cu / t_sp:.2f}", f"{torch.cuda.max_memory_allocated() / 2**20:.1f}"]
+                # what a user holding CUDA costs gets from auto: copy to host, threaded SciPy, copy back
+                t_ac, rac = _best(lambda: S.linear_assignment(Cg, method="auto"), args.repeat)
+                assert np.allclose(rac.objective.cpu().numpy(), ref, rtol=1e-12)
+                row += [f"{t_ac:.4f}", f"{t_ac / t_sp:.2f}"]
             else:
-                row += ["n/a", "-", "-"]
+                row += ["n/a", "-", "-", "n/a", "-"]
             print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -7,21 +7,27 @@ Backends
 --------
 ``"scipy"``  ``scipy.optimize.linear_sum_assignment`` (Crouse 2016, "On implementing 2D rectangular
              assignment algorithms", IEEE TAES 52(4); shortest augmenting path, Jonker & Volgenant
-             1987 family), exact, CPU, one call per problem of the batch.
+             1987 family), exact, CPU. The problems of a batch are split over ``workers`` threads
+             (SciPy releases the GIL while it solves), each solved exactly as in a plain loop.
 ``"torch"``  batched epsilon-scaling auction (Bertsekas 1988; Bertsekas & Castanon 1991) on the
              input's device with a Bellman-Ford dual certificate (see ``merging.solvers._auction``);
              problems that the certificate does not prove optimal are re-solved with SciPy, so the
              answer is always exact (up to float64 round-off of the order of SciPy's own).
              Rectangular problems are padded to square with constant-cost dummy rows/columns.
-``"auto"``   SciPy. Measured on a shared 2-core CPU (benchmarks/solvers_results.md) the torch auction
-             is ~10-300x slower than the SciPy loop for every size merging uses (n = 64..1024,
-             B = 1..128), so ``auto`` never picks it on CPU. On CUDA it is picked only for batches of at least ``AUTO_CUDA_MIN_BATCH``
-             problems of size at most ``AUTO_CUDA_MAX_N`` (unmeasured: no GPU was available; the
-             benchmark prints the CUDA ratio so the thresholds can be set from a measurement).
+``"auto"``   SciPy, threaded for batches large enough to gain (``THREAD_MIN_ENTRIES``,
+             ``THREAD_MIN_PROBLEM``). Measured on a 2-core CPU (``benchmarks/RESULTS.md``) the torch
+             auction is 18-500x slower than the SciPy loop for every size merging uses (n = 64..1024,
+             B = 1..128), so ``auto`` never picks it on CPU. On CUDA it is picked only for batches of
+             at least ``AUTO_CUDA_MIN_BATCH`` problems of size at most ``AUTO_CUDA_MAX_N`` (unmeasured:
+             no GPU was available, so it is off; the benchmark prints the CUDA ratio so the thresholds
+             can be set from a measurement).
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 
 from ._auction import auction_square
-from ._common import as_cost
+from ._common import as_cost, as_cost_numpy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,14 @@ __all__ = ["LinearAssignmentResult", "linear_assignment", "HierarchicalAssignmen
 AUTO_CUDA_MIN_BATCH = 1 << 30  # disabled until a GPU measurement shows a win (see module docstring)
 #: ... of at most this size.
 AUTO_CUDA_MAX_N = 256
+#: ``workers=None`` threads a SciPy batch only from this many cost entries in all ...
+THREAD_MIN_ENTRIES = 1 << 15
+#: ... and this many per problem. Smaller problems spend most of a SciPy call in Python under the GIL,
+#: and small batches do not pay for the hand-off, so threads lose there. Measured on 2 cores (one
+#: thread's time / two threads'): 0.56 at B=128, n=8; 0.84 at B=4, n=64; 1.37 at B=16, n=48; 1.53 at
+#: B=16, n=64; 1.39 at B=2, n=128; 1.87 at B=128, n=256 (``python benchmarks/bench_solvers.py
+#: --crossover``; table in ``benchmarks/RESULTS.md``).
+THREAD_MIN_PROBLEM = 1 << 11
 
 
 @dataclass(frozen=True)
@@ -85,20 +99,72 @@ def _choose(method: str, C: torch.Tensor, device: torch.device) -> str:
     return "scipy"
 
 
-def _scipy_batch(C: np.ndarray, maximize: bool):
+def _n_workers(workers: Optional[int], B: int, entries: int) -> int:
+    """Threads for a SciPy batch of ``B`` problems with ``entries`` cost entries each."""
+    if workers is None:
+        if B < 2 or entries < THREAD_MIN_PROBLEM or B * entries < THREAD_MIN_ENTRIES:
+            return 1
+        workers = torch.get_num_threads()
+    elif isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or \
+            (workers < 1 and workers != -1):
+        raise ValueError(f"workers must be a positive int, -1 (all CPU cores) or None (automatic), "
+                         f"got {workers!r}")
+    elif workers == -1:
+        workers = os.cpu_count() or 1
+    return max(1, min(int(workers), B))
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_KEY = (0, 0)  # (process id, size): a forked child or a larger request gets a new pool
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_KEY
+    with _POOL_LOCK:
+        pid = os.getpid()
+        if _POOL is None or _POOL_KEY[0] != pid or _POOL_KEY[1] < size:
+            if _POOL is not None and _POOL_KEY[0] == pid:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="weightspace-lap")
+            _POOL_KEY = (pid, size)
+        return _POOL
+
+
+def _scipy_batch(C: np.ndarray, maximize: bool, workers: Optional[int] = None):
+    """Rows/cols ``(B, k)`` of ``B`` SciPy solves, split over threads in contiguous chunks.
+
+    ``scipy.optimize.linear_sum_assignment`` releases the GIL, so threads scale with cores (1.9x on
+    2 cores at n = 256; ``benchmarks/RESULTS.md``); each problem is solved exactly as in a plain loop,
+    so the answer does not depend on ``workers``.
+    """
     from scipy.optimize import linear_sum_assignment
 
     B, n, m = C.shape
+    if B == 1:  # the common single-problem call: no buffers, no thread bookkeeping
+        r, c = linear_sum_assignment(C[0], maximize=maximize)
+        return r[None].astype(np.int64, copy=False), c[None].astype(np.int64, copy=False)
     k = min(n, m)
     rows = np.empty((B, k), dtype=np.int64)
     cols = np.empty((B, k), dtype=np.int64)
-    for b in range(B):
-        r, c = linear_sum_assignment(C[b], maximize=maximize)
-        rows[b], cols[b] = r, c
+
+    def solve(lo: int, hi: int) -> None:
+        for b in range(lo, hi):
+            rows[b], cols[b] = linear_sum_assignment(C[b], maximize=maximize)
+
+    w = _n_workers(workers, B, n * m)
+    if w == 1:
+        solve(0, B)
+    else:
+        bounds = np.linspace(0, B, w + 1).astype(int)
+        futures = [_pool(w).submit(solve, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        for f in futures:
+            f.result()
     return rows, cols
 
 
-def _torch_batch(C: torch.Tensor, maximize: bool, seed: int, options: Optional[dict] = None):
+def _torch_batch(C: torch.Tensor, maximize: bool, seed: int, options: Optional[dict] = None,
+                 workers: Optional[int] = None):
     """Rows/cols (B, k) via the certified auction; uncertified problems re-solved with SciPy."""
     B, n, m = C.shape
     transposed = n > m
@@ -113,7 +179,7 @@ def _torch_batch(C: torch.Tensor, maximize: bool, seed: int, options: Optional[d
     if n_fb:
         bad = (~certified).nonzero().squeeze(1)
         log.info("torch LAP: %d of %d problems not certified; solving them with SciPy", n_fb, B)
-        _, c = _scipy_batch(S[bad, :nr].cpu().numpy(), maximize=False)
+        _, c = _scipy_batch(S[bad, :nr].cpu().numpy(), False, workers)
         sigma[bad] = torch.as_tensor(c, device=sigma.device)
     if not transposed:
         rows = torch.arange(nr, device=C.device).expand(B, nr)
@@ -126,6 +192,7 @@ def _torch_batch(C: torch.Tensor, maximize: bool, seed: int, options: Optional[d
 
 
 def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *, seed: int = 0,
+                      workers: Optional[int] = None,
                       auction_options: Optional[dict] = None) -> LinearAssignmentResult:
     """Solve ``min`` (or ``max``) ``sum_k cost[row_ind[k], col_ind[k]]`` over one-to-one matchings.
 
@@ -142,6 +209,13 @@ def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *
     seed : int
         Seed of the torch auction's tie-breaking jitter (the objective does not depend on it; with
         ties, which optimal matching is returned may).
+    workers : int, optional
+        CPU threads for the SciPy backend (SciPy releases the GIL, so a batch's problems run in
+        parallel). ``None`` (default): ``torch.get_num_threads()`` threads (set by
+        ``OMP_NUM_THREADS`` or ``torch.set_num_threads``) for batches of at least
+        ``THREAD_MIN_ENTRIES`` cost entries with ``THREAD_MIN_PROBLEM`` per problem (n, m ~ 45 and
+        up), one thread below that; ``-1``: all CPU cores; ``1``: a
+        plain loop in the calling thread. The result does not depend on it.
     auction_options : dict, optional
         Torch backend only: keyword settings of ``merging.solvers._auction.auction_square``, e.g.
         ``{"schedule": "legacy"}`` for the previous schedule or ``{"warm": "none"}``. They change
@@ -155,31 +229,36 @@ def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *
     Raises
     ------
     TypeError, ValueError
-        Non-numeric input, ndim not 2 or 3, NaN/inf costs, unknown ``method``.
+        Non-numeric input, ndim not 2 or 3, NaN/inf costs, unknown ``method``, bad ``workers``.
     """
+    if auction_options is not None and not isinstance(auction_options, dict):
+        raise TypeError(f"auction_options must be a dict or None, got {type(auction_options).__name__}")
+    if method in ("auto", "scipy") and isinstance(cost, (np.ndarray, list, tuple)):
+        # NumPy in, SciPy on the CPU: no torch on this path (a few microseconds over bare SciPy)
+        Cn, batched = as_cost_numpy(cost, "cost")
+        r, c = _scipy_batch(Cn, maximize, workers)
+        if not batched:
+            r, c = r[0], c[0]
+            obj = Cn[0][r, c].sum()
+        else:
+            obj = Cn[np.arange(len(Cn))[:, None], r, c].sum(-1)
+        return LinearAssignmentResult(row_ind=r, col_ind=c, objective=obj, maximize=bool(maximize),
+                                      method="scipy")
     C, kind = as_cost(cost, "cost")
     meth = _choose(method, C, kind.device)
     B, n, m = C.shape
     k = min(n, m)
     n_fb, stats = 0, None
-    if auction_options is not None and not isinstance(auction_options, dict):
-        raise TypeError(f"auction_options must be a dict or None, got {type(auction_options).__name__}")
     if k == 0 or B == 0:
         rows = torch.zeros(B, 0, dtype=torch.long)
         cols = torch.zeros(B, 0, dtype=torch.long)
     elif meth == "scipy":
-        Cn = C.cpu().numpy()
-        r, c = _scipy_batch(Cn, maximize)
-        if kind.is_numpy:  # stay in NumPy: no torch overhead on the path ``auto`` takes on CPU
-            obj = Cn[np.arange(B)[:, None], r, c].sum(-1)
-            sq = (lambda x: x) if kind.batched else (lambda x: x[0])
-            return LinearAssignmentResult(row_ind=sq(r), col_ind=sq(c), objective=sq(obj),
-                                          maximize=bool(maximize), method=meth)
+        r, c = _scipy_batch(C.cpu().numpy(), maximize, workers)
         rows, cols = torch.from_numpy(r), torch.from_numpy(c)
     else:
         if kind.is_numpy:
             C = C.to(kind.device)
-        rows, cols, n_fb, stats = _torch_batch(C, maximize, seed, auction_options)
+        rows, cols, n_fb, stats = _torch_batch(C, maximize, seed, auction_options, workers)
     Cd = C.to(rows.device)
     obj = Cd[torch.arange(B, device=rows.device)[:, None], rows, cols].sum(-1) if k else \
         torch.zeros(B, dtype=torch.float64, device=rows.device)
@@ -214,8 +293,8 @@ class HierarchicalAssignmentResult:
     method: str
 
 
-def hierarchical_assignment(cost4d: Any, maximize: bool = False, method: str = "auto", *, seed: int = 0
-                            ) -> HierarchicalAssignmentResult:
+def hierarchical_assignment(cost4d: Any, maximize: bool = False, method: str = "auto", *, seed: int = 0,
+                            workers: Optional[int] = None) -> HierarchicalAssignmentResult:
     """Nested LAP: ``opt_pi sum_h opt_sigma_h sum_i cost4d[h, pi(h), i, sigma_h(i)]``.
 
     All ``H * H'`` inner problems ``cost4d[h, g]`` (``d x e``) are solved in one batched
@@ -229,8 +308,8 @@ def hierarchical_assignment(cost4d: Any, maximize: bool = False, method: str = "
     ----------
     cost4d : array or tensor, shape ``(H, H', d, e)``
         ``cost4d[h, g, i, j]``: cost of matching unit ``i`` of head ``h`` to unit ``j`` of head ``g``.
-    maximize, method, seed : as in :func:`linear_assignment` (``method`` applies to the inner batch;
-        the small outer problem always uses SciPy).
+    maximize, method, seed, workers : as in :func:`linear_assignment` (``method`` and ``workers``
+        apply to the inner batch; the small outer problem always uses SciPy).
 
     Returns
     -------
@@ -247,7 +326,7 @@ def hierarchical_assignment(cost4d: Any, maximize: bool = False, method: str = "
     H, H2, d, e = shape
     C, kind = as_cost(cost4d.reshape(H * H2, d, e), "cost4d")
     inner = linear_assignment(C if not kind.is_numpy else C.numpy(), maximize=maximize, method=method,
-                              seed=seed)
+                              seed=seed, workers=workers)
     dev = C.device
     vals = torch.as_tensor(inner.objective).to(dev).reshape(H, H2)
     irow = torch.as_tensor(inner.row_ind).to(dev).reshape(H, H2, -1)

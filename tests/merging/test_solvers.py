@@ -252,3 +252,90 @@ def test_fast_only_options_select_or_reject():
     assert S.linear_assignment(C, method="torch", auction_options={"warm": "colmin"}).stats.schedule == "fast"
     with pytest.raises(ValueError, match="schedule='fast' only"):
         S.linear_assignment(C, method="torch", auction_options={"schedule": "legacy", "block": 4})
+
+
+@pytest.mark.parametrize("shape", [(6, 50, 50), (5, 40, 70), (5, 70, 40), (3, 1, 1)])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_threaded_scipy_batch_equals_the_plain_loop(shape, maximize):
+    C = np.random.default_rng(11).integers(0, 5, shape).astype(float)  # ties: same answer regardless
+    ref = [linear_sum_assignment(Ck, maximize=maximize) for Ck in C]
+    for workers in (None, 1, 2, 3, -1):
+        for cost in (C, torch.from_numpy(C)):
+            res = S.linear_assignment(cost, maximize=maximize, method="scipy", workers=workers)
+            for b, (r, c) in enumerate(ref):  # each problem solved exactly as in the loop
+                np.testing.assert_array_equal(np.asarray(res.row_ind[b]), r)
+                np.testing.assert_array_equal(np.asarray(res.col_ind[b]), c)
+            _check_valid(res, C)
+
+
+def test_threads_are_used_when_asked_and_only_for_large_batches(monkeypatch):
+    import threading
+
+    import merging.solvers._lap as lap
+    from scipy import optimize
+
+    names = []
+    real = optimize.linear_sum_assignment
+
+    def spy(c, maximize=False):
+        names.append(threading.current_thread().name)
+        return real(c, maximize=maximize)
+
+    monkeypatch.setattr(optimize, "linear_sum_assignment", spy)
+    big = np.random.default_rng(12).random((8, 64, 64))  # 2^15 entries, 2^12 per problem
+    S.linear_assignment(big, workers=2)
+    assert len(names) == 8 and all(n.startswith("weightspace-lap") for n in names)
+    names.clear()
+    S.linear_assignment(big, workers=1)
+    assert names == [threading.current_thread().name] * 8
+    # the automatic rule: threads only above both thresholds
+    assert lap._n_workers(None, 8, 64 * 64) == min(8, torch.get_num_threads())
+    assert lap._n_workers(None, 4, 64 * 64) == 1      # too few entries in all
+    assert lap._n_workers(None, 128, 32 * 32) == 1    # problems too small (GIL-bound)
+    assert lap._n_workers(None, 1, 1024 * 1024) == 1  # nothing to split
+    assert lap._n_workers(5, 3, 10) == 3              # never more threads than problems
+
+
+def test_worker_errors_propagate(monkeypatch):
+    from scipy import optimize
+
+    real = optimize.linear_sum_assignment
+
+    def failing(c, maximize=False):
+        if c[0, 0] < 0:
+            raise RuntimeError("planted failure")
+        return real(c, maximize=maximize)
+
+    monkeypatch.setattr(optimize, "linear_sum_assignment", failing)
+    C = np.random.default_rng(13).random((6, 64, 64))
+    C[4, 0, 0] = -1.0
+    with pytest.raises(RuntimeError, match="planted failure"):
+        S.linear_assignment(C, workers=2)
+
+
+@pytest.mark.parametrize("workers", [0, -2, 1.5, True, "2"])
+def test_bad_workers(workers):
+    with pytest.raises(ValueError, match="workers must be"):
+        S.linear_assignment(np.random.default_rng(0).random((4, 64, 64)), workers=workers)
+
+
+def _solve_in_child(q):
+    C = np.random.default_rng(14).random((4, 64, 64))
+    q.put(float(S.linear_assignment(C, workers=2).objective.sum()))
+
+
+def test_thread_pool_survives_fork():
+    """A forked child (e.g. a DataLoader worker) must not wait on the parent's dead pool threads."""
+    import multiprocessing as mp
+
+    C = np.random.default_rng(14).random((4, 64, 64))
+    ref = float(S.linear_assignment(C, workers=2).objective.sum())  # the parent's pool exists now
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_solve_in_child, args=(q,))
+    p.start()
+    p.join(timeout=30)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("linear_assignment hung in a forked child")
+    assert p.exitcode == 0 and q.get(timeout=5) == pytest.approx(ref, rel=1e-12)
