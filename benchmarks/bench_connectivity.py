@@ -13,12 +13,14 @@ standardised). Then, in one run and side by side:
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_connectivity.py [--threads 1] [--repeats 5] [--epochs 15]
+    python benchmarks/bench_connectivity.py --device cuda   # the same on a GPU (models trained on CPU)
 
 Prints a Markdown table (paste it into benchmarks/connectivity_results.md).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -85,35 +87,38 @@ def main(argv=None) -> int:
     ap.add_argument("--alphas", type=int, default=25)
     ap.add_argument("--grid", type=int, default=41)
     ap.add_argument("--landscape-repeats", type=int, default=2)
+    ap.add_argument("--device", default=None, help="where the points are evaluated (e.g. cuda); default: the models'")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tr, te, source = digits()
+    interp = functools.partial(analysis.interpolate, device=args.device)
+    land_fn = functools.partial(analysis.landscape, device=args.device)
     a, b = train(mlp(0), tr, args.epochs, 0), train(mlp(1), tr, args.epochs, 1)
     splits = {"train": tr, "test": te}
     K = args.alphas
-    analysis.interpolate(a, b, splits, alphas=3)  # warm-up (imports, first vmap trace)
+    interp(a, b, splits, alphas=3)  # warm-up (imports, first vmap trace)
 
     itimes, curves = interleaved({
-        f"vmap, all {K} points in one pass": lambda: analysis.interpolate(a, b, splits, alphas=K, batched=True,
+        f"vmap, all {K} points in one pass": lambda: interp(a, b, splits, alphas=K, batched=True,
                                                                           batch_points=K),
-        "vmap, 8 points per pass": lambda: analysis.interpolate(a, b, splits, alphas=K, batched=True, batch_points=8),
-        "loop (one functional_call per point)": lambda: analysis.interpolate(a, b, splits, alphas=K, batched=False),
+        "vmap, 8 points per pass": lambda: interp(a, b, splits, alphas=K, batched=True, batch_points=8),
+        "loop (one functional_call per point)": lambda: interp(a, b, splits, alphas=K, batched=False),
     }, args.repeats)
     from torch.utils.data import DataLoader, TensorDataset
     loaders = {s: DataLoader(TensorDataset(*d), batch_size=64) for s, d in splits.items()}
     btimes, bcurves = interleaved({
-        f"vmap, all {K} points in one pass": lambda: analysis.interpolate(a, b, loaders, alphas=K, batched=True,
+        f"vmap, all {K} points in one pass": lambda: interp(a, b, loaders, alphas=K, batched=True,
                                                                           batch_points=K),
-        "loop (one functional_call per point)": lambda: analysis.interpolate(a, b, loaders, alphas=K, batched=False),
+        "loop (one functional_call per point)": lambda: interp(a, b, loaders, alphas=K, batched=False),
     }, args.repeats)
     ref = curves["loop (one functional_call per point)"]
     diff = max(float(np.abs(c.values[s][m] - ref.values[s][m]).max())
                for c in curves.values() for s in splits for m in ("loss", "accuracy"))
     G = args.grid
     ltimes, lands = interleaved({
-        "vmap, 64 points per pass": lambda: analysis.landscape(a, {"test": te}, grid=G, batch_points=64, seed=0),
-        "vmap, 256 points per pass": lambda: analysis.landscape(a, {"test": te}, grid=G, batch_points=256, seed=0),
-        "loop": lambda: analysis.landscape(a, {"test": te}, grid=G, batched=False, seed=0),
+        "vmap, 64 points per pass": lambda: land_fn(a, {"test": te}, grid=G, batch_points=64, seed=0),
+        "vmap, 256 points per pass": lambda: land_fn(a, {"test": te}, grid=G, batch_points=256, seed=0),
+        "loop": lambda: land_fn(a, {"test": te}, grid=G, batched=False, seed=0),
     }, args.landscape_repeats)
     land = lands["vmap, 64 points per pass"]
     ldiff = float(np.abs(land.values["test"]["loss"] - lands["loop"].values["test"]["loss"]).max())
@@ -122,7 +127,9 @@ def main(argv=None) -> int:
 
     print(f"data: {source}; train {len(tr[0])}, test {len(te[0])}; models 64-128-128-10 ReLU, Adam 1e-3, "
           f"{args.epochs} epochs, seeds 0 and 1")
-    print(f"torch {torch.__version__}, {platform.machine()}, torch threads={args.threads}; "
+    dev = args.device or "cpu"
+    print(f"torch {torch.__version__}, {platform.machine()}, torch threads={args.threads}, device {dev}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if dev.startswith('cuda') else ''}; "
           f"min and median of {args.repeats} (interpolation) / {args.landscape_repeats} (landscape) "
           "interleaved runs\n")
     print("| task | mode | points | examples per point | min (s) | median (s) | ms per point (min) |")

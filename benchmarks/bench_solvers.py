@@ -12,6 +12,7 @@ Usage::
     python benchmarks/bench_solvers.py --quick    # n in {64, 256}, B in {1, 16}
     python benchmarks/bench_solvers.py --quick --schedules fast,legacy --no-pot   # before/after
     python benchmarks/bench_solvers.py --crossover  # threaded SciPy batch vs one thread, n x B grid
+    python benchmarks/bench_solvers.py --emd        # S.emd batch: plain loop vs auto threads
 
 ``--schedules`` lists the torch auction schedules to run side by side (``fast``: the current default;
 ``legacy``: the previous one, ``auction_options={"schedule": "legacy"}``); for each one the torch
@@ -19,7 +20,7 @@ columns give the time, the ratio to the SciPy loop, and the auction's bidding ro
 sweeps and host synchronisations (``LinearAssignmentResult.stats``).
 
 ``auto`` runs SciPy on ``--threads`` threads for batches above ``THREAD_MIN_ENTRIES`` /
-``THREAD_MIN_PROBLEM`` (``merging.solvers._lap``); ``--crossover`` prints the grid those thresholds come
+``THREAD_MIN_PROBLEM`` (``merging.solvers._threads``); ``--crossover`` prints the grid those thresholds come
 from: time with one thread / time with ``--threads`` threads, per n and B.
 
 Times are the best of ``--repeat`` runs (wall clock, ``torch.set_num_threads`` as given). Combinations
@@ -37,6 +38,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import merging.solvers as S
+from merging.solvers._threads import n_workers  # the rule auto applies, reported in --crossover
 
 
 POT_REG = 1e-2  # entropic reg of POT's batched log-Sinkhorn (costs are uniform in [0, 1])
@@ -85,9 +87,24 @@ def _crossover(args):
                 t1 = min(t1, _best(lambda: [S.linear_assignment(C, workers=1) for _ in range(reps)], 1)[0])
                 t2 = min(t2, _best(lambda: [S.linear_assignment(C, workers=args.threads) for _ in range(reps)],
                                    1)[0])
-            auto = S._lap._n_workers(None, B, n * n) > 1  # noqa: SLF001 - the benchmark reports the rule
+            auto = n_workers(None, B, n * n) > 1
             row.append(f"{t1 / t2:.2f}{'*' if auto else ''}")
         print("| " + " | ".join(row) + " |", flush=True)
+
+
+def _emd_threads(args):
+    """Print time of ``S.emd`` on a batch with ``workers=1`` vs the automatic rule (uniform marginals)."""
+    print(f"# machine: {platform.processor() or platform.machine()}, torch threads {args.threads}")
+    print("| B | n | emd, workers=1 (s) | emd, auto (s) | speed-up |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for B, n in [(16, 64), (16, 256), (64, 256)]:
+        C = rng.random((B, n, n))
+        t1 = t2 = float("inf")
+        for _ in range(args.repeat):  # interleaved, best of
+            t1 = min(t1, _best(lambda: S.emd(C, workers=1), 1)[0])
+            t2 = min(t2, _best(lambda: S.emd(C), 1)[0])
+        print(f"| {B} | {n} | {t1:.4f} | {t2:.4f} | {t1 / t2:.2f} |", flush=True)
 
 
 def main(argv=None):
@@ -101,10 +118,13 @@ def main(argv=None):
     ap.add_argument("--ns", default=None, help="comma list of sizes n (overrides --quick)")
     ap.add_argument("--Bs", default=None, help="comma list of batch sizes B (overrides --quick)")
     ap.add_argument("--crossover", action="store_true", help="only the threaded-SciPy crossover grid")
+    ap.add_argument("--emd", action="store_true", help="only merging.solvers.emd: loop vs threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.crossover:
         return _crossover(args)
+    if args.emd:
+        return _emd_threads(args)
     ns = [64, 256] if args.quick else [64, 256, 1024]
     Bs = [1, 16] if args.quick else [1, 16, 128]
     ns = [int(x) for x in args.ns.split(",")] if args.ns else ns

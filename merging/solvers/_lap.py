@@ -14,8 +14,7 @@ Backends
              problems that the certificate does not prove optimal are re-solved with SciPy, so the
              answer is always exact (up to float64 round-off of the order of SciPy's own).
              Rectangular problems are padded to square with constant-cost dummy rows/columns.
-``"auto"``   SciPy, threaded for batches large enough to gain (``THREAD_MIN_ENTRIES``,
-             ``THREAD_MIN_PROBLEM``). Measured on a 2-core CPU (``benchmarks/RESULTS.md``) the torch
+``"auto"``   SciPy, threaded for batches large enough to gain (``merging.solvers._threads``). Measured on a 2-core CPU (``benchmarks/RESULTS.md``) the torch
              auction is 18-500x slower than the SciPy loop for every size merging uses (n = 64..1024,
              B = 1..128), so ``auto`` never picks it on CPU. On CUDA it is picked only for batches of
              at least ``AUTO_CUDA_MIN_BATCH`` problems of size at most ``AUTO_CUDA_MAX_N`` (unmeasured:
@@ -25,9 +24,6 @@ Backends
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,6 +32,7 @@ import torch
 
 from ._auction import auction_square
 from ._common import as_cost, as_cost_numpy
+from ._threads import run_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +43,6 @@ __all__ = ["LinearAssignmentResult", "linear_assignment", "HierarchicalAssignmen
 AUTO_CUDA_MIN_BATCH = 1 << 30  # disabled until a GPU measurement shows a win (see module docstring)
 #: ... of at most this size.
 AUTO_CUDA_MAX_N = 256
-#: ``workers=None`` threads a SciPy batch only from this many cost entries in all ...
-THREAD_MIN_ENTRIES = 1 << 15
-#: ... and this many per problem. Smaller problems spend most of a SciPy call in Python under the GIL,
-#: and small batches do not pay for the hand-off, so threads lose there. Measured on 2 cores (one
-#: thread's time / two threads'): 0.56 at B=128, n=8; 0.84 at B=4, n=64; 1.37 at B=16, n=48; 1.53 at
-#: B=16, n=64; 1.39 at B=2, n=128; 1.87 at B=128, n=256 (``python benchmarks/bench_solvers.py
-#: --crossover``; table in ``benchmarks/RESULTS.md``).
-THREAD_MIN_PROBLEM = 1 << 11
 
 
 @dataclass(frozen=True)
@@ -99,38 +88,6 @@ def _choose(method: str, C: torch.Tensor, device: torch.device) -> str:
     return "scipy"
 
 
-def _n_workers(workers: Optional[int], B: int, entries: int) -> int:
-    """Threads for a SciPy batch of ``B`` problems with ``entries`` cost entries each."""
-    if workers is None:
-        if B < 2 or entries < THREAD_MIN_PROBLEM or B * entries < THREAD_MIN_ENTRIES:
-            return 1
-        workers = torch.get_num_threads()
-    elif isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or \
-            (workers < 1 and workers != -1):
-        raise ValueError(f"workers must be a positive int, -1 (all CPU cores) or None (automatic), "
-                         f"got {workers!r}")
-    elif workers == -1:
-        workers = os.cpu_count() or 1
-    return max(1, min(int(workers), B))
-
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_KEY = (0, 0)  # (process id, size): a forked child or a larger request gets a new pool
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(size: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_KEY
-    with _POOL_LOCK:
-        pid = os.getpid()
-        if _POOL is None or _POOL_KEY[0] != pid or _POOL_KEY[1] < size:
-            if _POOL is not None and _POOL_KEY[0] == pid:
-                _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="weightspace-lap")
-            _POOL_KEY = (pid, size)
-        return _POOL
-
-
 def _scipy_batch(C: np.ndarray, maximize: bool, workers: Optional[int] = None):
     """Rows/cols ``(B, k)`` of ``B`` SciPy solves, split over threads in contiguous chunks.
 
@@ -148,18 +105,10 @@ def _scipy_batch(C: np.ndarray, maximize: bool, workers: Optional[int] = None):
     rows = np.empty((B, k), dtype=np.int64)
     cols = np.empty((B, k), dtype=np.int64)
 
-    def solve(lo: int, hi: int) -> None:
-        for b in range(lo, hi):
-            rows[b], cols[b] = linear_sum_assignment(C[b], maximize=maximize)
+    def solve(b: int) -> None:
+        rows[b], cols[b] = linear_sum_assignment(C[b], maximize=maximize)
 
-    w = _n_workers(workers, B, n * m)
-    if w == 1:
-        solve(0, B)
-    else:
-        bounds = np.linspace(0, B, w + 1).astype(int)
-        futures = [_pool(w).submit(solve, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        for f in futures:
-            f.result()
+    run_batch(solve, B, n * m, workers)
     return rows, cols
 
 
@@ -212,9 +161,8 @@ def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *
     workers : int, optional
         CPU threads for the SciPy backend (SciPy releases the GIL, so a batch's problems run in
         parallel). ``None`` (default): ``torch.get_num_threads()`` threads (set by
-        ``OMP_NUM_THREADS`` or ``torch.set_num_threads``) for batches of at least
-        ``THREAD_MIN_ENTRIES`` cost entries with ``THREAD_MIN_PROBLEM`` per problem (n, m ~ 45 and
-        up), one thread below that; ``-1``: all CPU cores; ``1``: a
+        ``OMP_NUM_THREADS`` or ``torch.set_num_threads``) for batches of at least 2^15 cost entries
+        with 2^11 per problem (n, m ~ 45 and up; ``merging.solvers._threads``), one thread below that; ``-1``: all CPU cores; ``1``: a
         plain loop in the calling thread. The result does not depend on it.
     auction_options : dict, optional
         Torch backend only: keyword settings of ``merging.solvers._auction.auction_square``, e.g.

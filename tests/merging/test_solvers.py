@@ -271,7 +271,7 @@ def test_threaded_scipy_batch_equals_the_plain_loop(shape, maximize):
 def test_threads_are_used_when_asked_and_only_for_large_batches(monkeypatch):
     import threading
 
-    import merging.solvers._lap as lap
+    import merging.solvers._threads as thr
     from scipy import optimize
 
     names = []
@@ -284,16 +284,16 @@ def test_threads_are_used_when_asked_and_only_for_large_batches(monkeypatch):
     monkeypatch.setattr(optimize, "linear_sum_assignment", spy)
     big = np.random.default_rng(12).random((8, 64, 64))  # 2^15 entries, 2^12 per problem
     S.linear_assignment(big, workers=2)
-    assert len(names) == 8 and all(n.startswith("weightspace-lap") for n in names)
+    assert len(names) == 8 and all(n.startswith("weightspace-solver") for n in names)
     names.clear()
     S.linear_assignment(big, workers=1)
     assert names == [threading.current_thread().name] * 8
     # the automatic rule: threads only above both thresholds
-    assert lap._n_workers(None, 8, 64 * 64) == min(8, torch.get_num_threads())
-    assert lap._n_workers(None, 4, 64 * 64) == 1      # too few entries in all
-    assert lap._n_workers(None, 128, 32 * 32) == 1    # problems too small (GIL-bound)
-    assert lap._n_workers(None, 1, 1024 * 1024) == 1  # nothing to split
-    assert lap._n_workers(5, 3, 10) == 3              # never more threads than problems
+    assert thr.n_workers(None, 8, 64 * 64) == min(8, torch.get_num_threads())
+    assert thr.n_workers(None, 4, 64 * 64) == 1      # too few entries in all
+    assert thr.n_workers(None, 128, 32 * 32) == 1    # problems too small (GIL-bound)
+    assert thr.n_workers(None, 1, 1024 * 1024) == 1  # nothing to split
+    assert thr.n_workers(5, 3, 10) == 3              # never more threads than problems
 
 
 def test_worker_errors_propagate(monkeypatch):

@@ -214,3 +214,25 @@ def test_emd_bad_cost():
         S.emd(np.zeros((3, 0)))
     with pytest.raises(ValueError, match="NaN or inf"):
         S.emd(np.array([[np.nan, 1.0]]))
+
+
+@pytest.mark.parametrize("backend", ["pot", "linprog"])
+def test_emd_threaded_batch_equals_plain_loop(backend):
+    """Each problem of a threaded batch is solved by the same call as in a loop: identical plans."""
+    rng = np.random.default_rng(21)
+    B, n, m = (6, 48, 50) if backend == "pot" else (3, 12, 10)
+    M = rng.random((B, n, m))
+    a = rng.random((B, n)) + 0.1
+    b = rng.random((B, m)) + 0.1
+    a, b = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
+    loop = S.emd(M, a, b, backend=backend, workers=1)
+    for workers in (2, -1, None):
+        res = S.emd(M, a, b, backend=backend, workers=workers)
+        np.testing.assert_array_equal(res.plan, loop.plan)
+    for k in range(B):  # and each equals a single solve
+        np.testing.assert_array_equal(S.emd(M[k], a[k], b[k], backend=backend).plan, loop.plan[k])
+
+
+def test_emd_bad_workers():
+    with pytest.raises(ValueError, match="workers must be"):
+        S.emd(np.random.default_rng(0).random((3, 4, 4)), workers=0)
