@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ._common import as_cost, as_marginal, check_mass
-from ._threads import run_batch
+from ._threads import check_workers, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def emd(cost: Any, a: Any = None, b: Any = None, backend: str = "auto", *,
     """
     if backend not in ("auto", "pot", "linprog"):
         raise ValueError(f"backend must be 'auto', 'pot' or 'linprog', got {backend!r}")
+    check_workers(workers)
     M, kind = as_cost(cost, "cost", allow_empty=False)
     B, n, m = M.shape
     av = as_marginal(a, "a", B, n, "row (n)", torch.device("cpu"), kind.batched)

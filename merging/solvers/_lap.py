@@ -14,8 +14,8 @@ Backends
              problems that the certificate does not prove optimal are re-solved with SciPy, so the
              answer is always exact (up to float64 round-off of the order of SciPy's own).
              Rectangular problems are padded to square with constant-cost dummy rows/columns.
-``"auto"``   SciPy, threaded for batches large enough to gain (``merging.solvers._threads``). Measured on a 2-core CPU (``benchmarks/RESULTS.md``) the torch
-             auction is 18-500x slower than the SciPy loop for every size merging uses (n = 64..1024,
+``"auto"``   SciPy, threaded for batches large enough to gain (``merging.solvers._threads``).
+             Measured on a 2-core CPU (``benchmarks/RESULTS.md``) the torch auction is 18-500x slower than the SciPy loop for every size merging uses (n = 64..1024,
              B = 1..128), so ``auto`` never picks it on CPU. On CUDA it is picked only for batches of
              at least ``AUTO_CUDA_MIN_BATCH`` problems of size at most ``AUTO_CUDA_MAX_N`` (unmeasured:
              no GPU was available, so it is off; the benchmark prints the CUDA ratio so the thresholds
@@ -32,7 +32,7 @@ import torch
 
 from ._auction import auction_square
 from ._common import as_cost, as_cost_numpy
-from ._threads import run_batch
+from ._threads import check_workers, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,9 @@ def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *
         CPU threads for the SciPy backend (SciPy releases the GIL, so a batch's problems run in
         parallel). ``None`` (default): ``torch.get_num_threads()`` threads (set by
         ``OMP_NUM_THREADS`` or ``torch.set_num_threads``) for batches of at least 2^15 cost entries
-        with 2^11 per problem (n, m ~ 45 and up; ``merging.solvers._threads``), one thread below that; ``-1``: all CPU cores; ``1``: a
-        plain loop in the calling thread. The result does not depend on it.
+        with 2^11 per problem (n, m ~ 45 and up; ``merging.solvers._threads``), one thread below
+        that; ``-1``: all CPU cores; ``1``: a plain loop in the calling thread. The result does not
+        depend on it.
     auction_options : dict, optional
         Torch backend only: keyword settings of ``merging.solvers._auction.auction_square``, e.g.
         ``{"schedule": "legacy"}`` for the previous schedule or ``{"warm": "none"}``. They change
@@ -181,6 +182,7 @@ def linear_assignment(cost: Any, maximize: bool = False, method: str = "auto", *
     """
     if auction_options is not None and not isinstance(auction_options, dict):
         raise TypeError(f"auction_options must be a dict or None, got {type(auction_options).__name__}")
+    check_workers(workers)
     if method in ("auto", "scipy") and isinstance(cost, (np.ndarray, list, tuple)):
         # NumPy in, SciPy on the CPU: no torch on this path (a few microseconds over bare SciPy)
         Cn, batched = as_cost_numpy(cost, "cost")

@@ -32,6 +32,16 @@ _POOL_KEY = (0, 0)  # (process id, size): a forked child or a larger request get
 _POOL_LOCK = threading.Lock()
 
 
+def check_workers(workers: Optional[int]) -> None:
+    """Raise unless ``workers`` is ``None``, ``-1`` or a positive int."""
+    if workers is None:
+        return
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or \
+            (workers < 1 and workers != -1):
+        raise ValueError(f"workers must be a positive int, -1 (all CPU cores) or None (automatic), "
+                         f"got {workers!r}")
+
+
 def n_workers(workers: Optional[int], B: int, entries: int) -> int:
     """Threads for a batch of ``B`` problems of ``entries`` cost entries each.
 
@@ -39,14 +49,11 @@ def n_workers(workers: Optional[int], B: int, entries: int) -> int:
     ``OMP_NUM_THREADS`` and ``torch.set_num_threads`` set), ``-1`` (all CPU cores) or a positive int;
     never more threads than problems.
     """
+    check_workers(workers)
     if workers is None:
         if B < 2 or entries < THREAD_MIN_PROBLEM or B * entries < THREAD_MIN_ENTRIES:
             return 1
         workers = torch.get_num_threads()
-    elif isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or \
-            (workers < 1 and workers != -1):
-        raise ValueError(f"workers must be a positive int, -1 (all CPU cores) or None (automatic), "
-                         f"got {workers!r}")
     elif workers == -1:
         workers = os.cpu_count() or 1
     return max(1, min(int(workers), B))

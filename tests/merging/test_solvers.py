@@ -315,8 +315,10 @@ def test_worker_errors_propagate(monkeypatch):
 
 @pytest.mark.parametrize("workers", [0, -2, 1.5, True, "2"])
 def test_bad_workers(workers):
-    with pytest.raises(ValueError, match="workers must be"):
-        S.linear_assignment(np.random.default_rng(0).random((4, 64, 64)), workers=workers)
+    C = np.random.default_rng(0).random((4, 64, 64))
+    for cost in (C, C[0], torch.from_numpy(C[:1])):  # single problems and tensors too
+        with pytest.raises(ValueError, match="workers must be"):
+            S.linear_assignment(cost, workers=workers)
 
 
 def _solve_in_child(q):

@@ -236,3 +236,5 @@ def test_emd_threaded_batch_equals_plain_loop(backend):
 def test_emd_bad_workers():
     with pytest.raises(ValueError, match="workers must be"):
         S.emd(np.random.default_rng(0).random((3, 4, 4)), workers=0)
+    with pytest.raises(ValueError, match="workers must be"):
+        S.emd(np.random.default_rng(0).random((4, 4)), workers=-3)
