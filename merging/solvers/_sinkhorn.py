@@ -114,13 +114,14 @@ def _validate_reg(reg: float) -> float:
 def sinkhorn(cost: Any, a: Any = None, b: Any = None, reg: float = 0.05, max_iter: int = 1000,
              tol: float = 1e-9, *, anneal: bool = False, reg_schedule: Optional[Sequence[float]] = None,
              reg_start: Optional[float] = None, anneal_factor: float = 0.5, init: Any = None,
-             check_every: int = 10, warn: bool = True):
+             check_every: int = 10, warn: bool = True, pad: bool = False):
     """Entropic OT plan(s) by log-domain Sinkhorn, batched over problems of one size.
 
     Parameters
     ----------
     cost : ``(n, m)`` or ``(B, n, m)`` array/tensor, or a list of 2-D costs of different sizes
-        A list is solved by grouping equal shapes into batched calls; a list of results comes back.
+        A list (e.g. every layer of a fusion) is solved by grouping equal shapes into batched calls,
+        or with ``pad=True`` in one call; a list of results comes back.
     a, b : ``(n,)`` / ``(m,)`` (shared by the batch) or ``(B, n)`` / ``(B, m)``; default uniform.
         Non-negative, equal total mass (relative 1e-6). Not used with a list ``cost`` (uniform).
     reg : float
@@ -140,15 +141,25 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, reg: float = 0.05, max_ite
         Convergence is checked every ``check_every`` iterations.
     warn : bool
         Emit a ``RuntimeWarning`` naming the next step when a problem does not converge.
+    pad : bool
+        List ``cost`` only: solve all problems in one batch, padded to the largest ``(n, m)`` with
+        zero-mass rows and columns (their plan entries are exactly 0, and converged problems are
+        frozen, so each result is its own call's up to summation-order round-off; with ``anneal`` and
+        no ``reg_start`` all problems share the largest cost range as the start). One batch means one sequence of
+        kernels on a GPU instead of one per shape, at the price of the padded entries' work. The
+        results take the kind and device of the first cost.
 
     Returns
     -------
     SinkhornResult (or a list of them for a list ``cost``), in the input's kind and device.
     """
     if isinstance(cost, list):
-        return _sinkhorn_list(cost, a, b, reg=reg, max_iter=max_iter, tol=tol, anneal=anneal,
+        return _sinkhorn_list(cost, a, b, pad, reg=reg, max_iter=max_iter, tol=tol, anneal=anneal,
                               reg_schedule=reg_schedule, reg_start=reg_start, anneal_factor=anneal_factor,
                               check_every=check_every, warn=warn)
+    if pad:
+        raise ValueError("pad=True applies to a list of costs of different sizes; a (B, n, m) batch is "
+                         "solved in one call already")
     M, kind = as_cost(cost, "cost", allow_empty=False)
     B, n, m = M.shape
     dev = M.device
@@ -207,7 +218,7 @@ def sinkhorn(cost: Any, a: Any = None, b: Any = None, reg: float = 0.05, max_ite
         reg=sched[-1], reg_schedule=tuple(sched), max_iter=max_iter, tol=tol)
 
 
-def _sinkhorn_list(costs: List[Any], a, b, **kw) -> List[SinkhornResult]:
+def _sinkhorn_list(costs: List[Any], a, b, pad: bool, **kw) -> List[SinkhornResult]:
     if a is not None or b is not None:
         raise ValueError("a and b are not supported with a list of costs (uniform marginals are used); "
                          "call sinkhorn per problem to pass marginals")
@@ -219,6 +230,28 @@ def _sinkhorn_list(costs: List[Any], a, b, **kw) -> List[SinkhornResult]:
         if shape is None or len(shape) != 2:
             raise ValueError(f"cost[{k}] must be a 2-D (n, m) array or tensor, got shape {shape}")
         shapes.append(shape)
+
+    def pick(res: SinkhornResult, t: int, n: int, m: int) -> SinkhornResult:
+        return SinkhornResult(
+            plan=res.plan[t][:n, :m], cost=res.cost[t], f=res.f[t][:n], g=res.g[t][:m],
+            converged=bool(res.converged[t]), n_iter=int(res.n_iter[t]), err=float(res.err[t]), reg=res.reg,
+            reg_schedule=res.reg_schedule, max_iter=res.max_iter, tol=res.tol)
+
+    if pad:
+        Ms = [as_cost(c, f"cost[{k}]", allow_empty=False)[0][0] for k, c in enumerate(costs)]
+        dev = Ms[0].device
+        N, Mx = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        P = torch.empty(len(costs), N, Mx, dtype=torch.float64, device=dev)
+        A = torch.zeros(len(costs), N, dtype=torch.float64, device=dev)
+        Bv = torch.zeros(len(costs), Mx, dtype=torch.float64, device=dev)
+        for k, (Mk, (n, m)) in enumerate(zip(Ms, shapes)):
+            P[k] = Mk.min()  # padding inside the problem's own range: the default annealing start holds
+            P[k, :n, :m] = Mk.to(dev)
+            A[k, :n], Bv[k, :m] = 1.0 / n, 1.0 / m
+        first_numpy = not isinstance(costs[0], torch.Tensor)
+        res = sinkhorn(P.cpu().numpy() if first_numpy else P, A.cpu().numpy() if first_numpy else A,
+                       Bv.cpu().numpy() if first_numpy else Bv, **kw)
+        return [pick(res, k, n, m) for k, (n, m) in enumerate(shapes)]
     out: List[Optional[SinkhornResult]] = [None] * len(costs)
     for shape in dict.fromkeys(shapes):
         idx = [k for k, s in enumerate(shapes) if s == shape]
@@ -227,10 +260,7 @@ def _sinkhorn_list(costs: List[Any], a, b, **kw) -> List[SinkhornResult]:
             else __import__("numpy").stack(group)
         res = sinkhorn(stacked, **kw)
         for t, k in enumerate(idx):
-            out[k] = SinkhornResult(
-                plan=res.plan[t], cost=res.cost[t], f=res.f[t], g=res.g[t], converged=bool(res.converged[t]),
-                n_iter=int(res.n_iter[t]), err=float(res.err[t]), reg=res.reg, reg_schedule=res.reg_schedule,
-                max_iter=res.max_iter, tol=res.tol)
+            out[k] = pick(res, t, *shape)
     return out  # type: ignore[return-value]
 
 

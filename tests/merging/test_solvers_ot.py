@@ -238,3 +238,26 @@ def test_emd_bad_workers():
         S.emd(np.random.default_rng(0).random((3, 4, 4)), workers=0)
     with pytest.raises(ValueError, match="workers must be"):
         S.emd(np.random.default_rng(0).random((4, 4)), workers=-3)
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_sinkhorn_list_padded_equals_separate_calls(as_torch):
+    """Every layer of a fusion at once: zero-mass padding leaves each problem's answer unchanged (up to
+    summation-order round-off, which can move the stopping check by one ``check_every`` step)."""
+    rng = np.random.default_rng(22)
+    costs = [rng.random((4, 5)) + 1.0, rng.random((7, 3)) * 5, rng.random((6, 6)), rng.random((2, 2))]
+    if as_torch:
+        costs = [torch.from_numpy(c) for c in costs]
+    for kw in (dict(reg=0.1), dict(reg=0.05, anneal=True, reg_start=1.0)):
+        padded = S.sinkhorn(costs, pad=True, **kw)
+        for c, r in zip(costs, padded):
+            single = S.sinkhorn(c, **kw)
+            assert tuple(r.plan.shape) == tuple(c.shape) and torch.is_tensor(r.plan) == as_torch
+            np.testing.assert_allclose(np.asarray(r.plan), np.asarray(single.plan), atol=1e-8)
+            assert r.converged and abs(r.n_iter - single.n_iter) <= 10
+            assert np.isclose(float(r.cost), float(single.cost), rtol=1e-8)
+            n, m = c.shape  # the uniform marginals hold on the real entries
+            np.testing.assert_allclose(np.asarray(r.plan).sum(1), np.full(n, 1 / n), atol=1e-9)
+            np.testing.assert_allclose(np.asarray(r.plan).sum(0), np.full(m, 1 / m), atol=1e-12)
+    with pytest.raises(ValueError, match="pad=True applies to a list"):
+        S.sinkhorn(np.ones((2, 3, 3)), pad=True)
