@@ -51,3 +51,13 @@ def test_emd_cuda_input_returns_cuda():
     gpu = S.emd(M.cuda())
     assert gpu.plan.is_cuda and gpu.cost.is_cuda
     torch.testing.assert_close(gpu.cost.cpu(), cpu.cost, rtol=1e-12, atol=0)
+
+
+def test_sinkhorn_padded_list_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(3)
+    costs = [torch.rand(5, 7, dtype=torch.float64, generator=gen), torch.rand(9, 4, dtype=torch.float64, generator=gen)]
+    cpu = S.sinkhorn(costs, reg=0.1, pad=True)
+    gpu = S.sinkhorn([c.cuda() for c in costs], reg=0.1, pad=True)
+    for c, g in zip(cpu, gpu):
+        assert g.plan.is_cuda
+        np.testing.assert_allclose(g.plan.cpu().numpy(), c.plan.numpy(), atol=1e-8)
