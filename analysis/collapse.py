@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightspace._utils import iter_batches
+from weightspace._utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
 
@@ -367,18 +367,14 @@ def _first_batch_order(model: nn.Module, data: Any, names: Sequence[str]) -> Lis
                          f"{[n for n in modules if n][:15]}")
     order: List[str] = []
     handles = [modules[n].register_forward_pre_hook(lambda m, a, _n=n: order.append(_n)) for n in names]
-    flags = [(m, m.training) for m in model.modules()]
     try:
         device = next(iter(list(model.parameters()) + list(model.buffers())), torch.empty(0)).device
-        model.eval()
-        with torch.no_grad():
+        with module_mode(model), torch.no_grad():
             xb, _ = next(iter(iter_batches(data, device)))
             model(xb)
     finally:
         for hd in handles:
             hd.remove()
-        for m, flag in flags:
-            m.training = flag
     return order
 
 

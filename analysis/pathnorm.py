@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weightspace._utils import iter_batches
+from weightspace._utils import iter_batches, module_mode
 
 from ._pathnorm_recipe import UnsupportedOperationError, _run_ones, _safe_exp
 
@@ -245,32 +245,27 @@ def path_norm_bound(model: nn.Module, example_inputs, data, *, loss: str = "marg
     if gamma is not None and not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     margins, ce, Bdata, count = [], [], 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, y in iter_batches(data, device):
-                if y is None:
-                    raise ValueError("path_norm_bound needs labelled data: pass (X, Y) or (x, y) batches")
-                if example_inputs is None:
-                    example_inputs = x[:1]
-                if not torch.isfinite(x).all():
-                    raise ValueError("data contains NaN or inf inputs")
-                logits = model(x)
-                if logits.dim() != 2:
-                    raise ValueError(f"path_norm_bound needs (batch, classes) logits, got shape {tuple(logits.shape)}")
-                y = y.long().reshape(-1)
-                if (y < 0).any() or (y >= logits.shape[1]).any():
-                    raise ValueError(f"labels out of range [0, {logits.shape[1]}): min {int(y.min())}, max {int(y.max())}")
-                fy = logits.gather(1, y[:, None]).squeeze(1)
-                other = logits.clone()
-                other.scatter_(1, y[:, None], -math.inf)
-                margins.append((fy - other.max(1).values).double().cpu())
-                ce.append(F.cross_entropy(logits.double(), y, reduction="none").cpu())
-                Bdata = max(Bdata, float(x.abs().max()))
-                count += x.shape[0]
-    finally:
-        model.train(was_training)
+    with module_mode(model), torch.no_grad():
+        for x, y in iter_batches(data, device):
+            if y is None:
+                raise ValueError("path_norm_bound needs labelled data: pass (X, Y) or (x, y) batches")
+            if example_inputs is None:
+                example_inputs = x[:1]
+            if not torch.isfinite(x).all():
+                raise ValueError("data contains NaN or inf inputs")
+            logits = model(x)
+            if logits.dim() != 2:
+                raise ValueError(f"path_norm_bound needs (batch, classes) logits, got shape {tuple(logits.shape)}")
+            y = y.long().reshape(-1)
+            if (y < 0).any() or (y >= logits.shape[1]).any():
+                raise ValueError(f"labels out of range [0, {logits.shape[1]}): min {int(y.min())}, max {int(y.max())}")
+            fy = logits.gather(1, y[:, None]).squeeze(1)
+            other = logits.clone()
+            other.scatter_(1, y[:, None], -math.inf)
+            margins.append((fy - other.max(1).values).double().cpu())
+            ce.append(F.cross_entropy(logits.double(), y, reduction="none").cpu())
+            Bdata = max(Bdata, float(x.abs().max()))
+            count += x.shape[0]
     M = torch.cat(margins)
     n_eff = int(n) if n is not None else count
     B_eff = max(1.0, float(B) if B is not None else Bdata)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from weightspace._utils import iter_batches
+from weightspace._utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
 
@@ -164,22 +164,11 @@ class _HVP:
         return out
 
 
-class _EvalMode:
-    """Put every module in eval (or train) mode and restore each module's own flag afterwards."""
-
-    def __init__(self, model: nn.Module, mode: str):
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-        self.model, self.mode = model, mode
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.mode == "train")
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags:
-            m.training = flag
-        return False
+def _mode(model: nn.Module, mode: str):
+    """Every module in eval (or train) mode for the block, each module's own flag restored after."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    return module_mode(model, mode == "train")
 
 
 def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -321,7 +310,7 @@ def hessian_eigenvalues(model: nn.Module, data, k: int = 1, loss_fn: Optional[Ca
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if max_iter < 1 or not tol > 0:
         raise ValueError(f"max_iter must be >= 1 and tol > 0, got {max_iter}, {tol}")
-    with _EvalMode(model, mode):
+    with _mode(model, mode):
         op = _HVP(model, data, loss_fn, device, params)
         if k > op.n_params:
             raise ValueError(f"k = {k} exceeds the number of parameters ({op.n_params})")
@@ -358,7 +347,7 @@ def hessian_trace(model: nn.Module, data, n_samples: int = 100, seed: int = 0, l
     """
     if not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}")
-    with _EvalMode(model, mode):
+    with _mode(model, mode):
         op = _HVP(model, data, loss_fn, device, params)
         gen = torch.Generator().manual_seed(int(seed))
         samples = []

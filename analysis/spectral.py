@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from weightspace._ops import _IGNORE, _flatten, _op_name, traced_run
-from weightspace._utils import iter_batches, model_device
+from weightspace._utils import iter_batches, model_device, module_mode
 
 log = logging.getLogger(__name__)
 
@@ -415,28 +415,22 @@ def _matrices(model: nn.Module, fold_bn: bool, example=None):
 
 def _margins(model, data, device) -> np.ndarray:
     out = []
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, y in iter_batches(data, device):
-                if y is None:
-                    raise ValueError("norm_measures needs labelled data (X, Y) for the margin")
-                if torch.is_tensor(x) and x.is_floating_point() and not torch.isfinite(x).all():
-                    raise ValueError("data contains NaN or inf inputs")
-                f = model(x)
-                if f.dim() != 2 or f.shape[1] < 2:
-                    raise ValueError(f"the margin needs (batch, classes >= 2) outputs, got {tuple(f.shape)}")
-                y = y.long().reshape(-1)
-                if (y < 0).any() or (y >= f.shape[1]).any():
-                    raise ValueError(f"labels out of range [0, {f.shape[1]}): min {int(y.min())}, max {int(y.max())}")
-                fy = f.gather(1, y[:, None]).squeeze(1)
-                other = f.double().clone()
-                other[torch.arange(len(y)), y] = -math.inf
-                out.append((fy.double() - other.max(1).values).cpu().numpy())
-    finally:
-        for m, flag in was:
-            m.training = flag
+    with module_mode(model), torch.no_grad():
+        for x, y in iter_batches(data, device):
+            if y is None:
+                raise ValueError("norm_measures needs labelled data (X, Y) for the margin")
+            if torch.is_tensor(x) and x.is_floating_point() and not torch.isfinite(x).all():
+                raise ValueError("data contains NaN or inf inputs")
+            f = model(x)
+            if f.dim() != 2 or f.shape[1] < 2:
+                raise ValueError(f"the margin needs (batch, classes >= 2) outputs, got {tuple(f.shape)}")
+            y = y.long().reshape(-1)
+            if (y < 0).any() or (y >= f.shape[1]).any():
+                raise ValueError(f"labels out of range [0, {f.shape[1]}): min {int(y.min())}, max {int(y.max())}")
+            fy = f.gather(1, y[:, None]).squeeze(1)
+            other = f.double().clone()
+            other[torch.arange(len(y)), y] = -math.inf
+            out.append((fy.double() - other.max(1).values).cpu().numpy())
     return np.concatenate(out)
 
 

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ._utils import module_mode
+
 
 class _Unsupported(Exception):
     """Raised inside a rule: fall back to fixing every dimension the operation touches."""
@@ -169,14 +171,10 @@ def traced_run(model: torch.nn.Module, example_inputs: Any, mode: TorchFunctionM
         if on_output is not None:
             on_output(names.get(id(mod), ""), out)
 
-    modes = {m: m.training for m in model.modules()}
     h1, h2 = register_module_forward_pre_hook(pre), register_module_forward_hook(post)
     try:
-        model.eval()
-        with torch.no_grad(), mode:
+        with module_mode(model), torch.no_grad(), mode:
             return _call(model, example_inputs)
     finally:
         h1.remove()
         h2.remove()
-        for m, was_training in modes.items():
-            m.train(was_training)

@@ -1,6 +1,7 @@
 """Small shared helpers: device resolution and batch iteration over the data forms users pass."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Iterator, Optional, Tuple, Union
 
@@ -28,6 +29,20 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {str(device)!r} was requested but CUDA is not available; pass device='cpu' or 'auto'")
     return dev
+
+
+@contextlib.contextmanager
+def module_mode(model: torch.nn.Module, training: bool = False) -> Iterator[torch.nn.Module]:
+    """Within the block every module of ``model`` has ``training`` set (eval by default); afterwards,
+    also on error, each module gets back its own flag (a frozen-BN submodule of a train-mode model
+    stays in eval, which ``model.train(was_training)`` would undo)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(training)
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

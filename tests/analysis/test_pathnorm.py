@@ -254,6 +254,18 @@ def test_model_unchanged():
     assert isinstance(net[3], nn.MaxPool2d)
 
 
+def test_bound_restores_each_modules_own_flag():
+    """A train-mode model with a frozen (eval) BatchNorm keeps both flags after path_norm_bound."""
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    net[1].eval()  # frozen statistics, as in fine-tuning
+    flags = [m.training for m in net.modules()]
+    X, Y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    analysis.path_norm_bound(net, X[:1], (X, Y))
+    assert [m.training for m in net.modules()] == flags
+    assert flags.count(False) == 1  # the check is not vacuous: the flags differ between modules
+
+
 # ---------------------------------------------------------------- unsupported operations and bad input
 class _Tanh(nn.Module):
     def __init__(self):
