@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis import _eval
+from weightspace import state as _eval
 
 log = logging.getLogger(__name__)
 

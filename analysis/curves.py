@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from analysis import _eval
+from weightspace import state as _eval
 from analysis.connectivity import InterpolationCurve, _fn_name, _jsonable, _metric_names
 from weightspace._utils import shuffled_batches
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis import _eval
+from weightspace import state as _eval
 from analysis.connectivity import _fn_name, _jsonable, _metric_names
 
 log = logging.getLogger(__name__)

@@ -36,6 +36,7 @@ _EXPORTS = {
     "features": "weightspace.features",
     "symmetry": "weightspace.symmetry",
     "graph": "weightspace.graph",
+    "state": "weightspace.state",
 }
 
 __all__ = sorted(_EXPORTS)

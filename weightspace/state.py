@@ -6,7 +6,7 @@ of a model (``named_parameters()`` + ``named_buffers()``), and a model is evalua
 tensors live on the ``meta`` device, so it costs no memory). The user's module is never touched: its
 tensors, its ``training`` flags and its BatchNorm momenta stay bit-identical.
 
-Small public API (shared by ``analysis.connectivity``, ``analysis.curves``, ``analysis.landscapes``)
+Public API (shared by ``merging`` and ``analysis``: connectivity, curves, landscapes)
 
 * :func:`state_of`, :func:`as_state`, :func:`check_compatible`, :func:`check_finite` — states;
 * :func:`combine` — one point ``sum_j c_j * bases[j]`` of a linear family of states;
