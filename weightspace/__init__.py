@@ -37,6 +37,8 @@ _EXPORTS = {
     "symmetry": "weightspace.symmetry",
     "graph": "weightspace.graph",
     "state": "weightspace.state",
+    "results": "weightspace.results",
+    "WeightspaceError": "weightspace.results",
 }
 
 __all__ = sorted(_EXPORTS)
