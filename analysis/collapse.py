@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightspace._utils import iter_batches, module_mode
+from weightspace.utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from weightspace import state as _eval
 from analysis.connectivity import InterpolationCurve, _fn_name, _jsonable, _metric_names
-from weightspace._utils import shuffled_batches
+from weightspace.utils import shuffled_batches
 
 log = logging.getLogger(__name__)
 

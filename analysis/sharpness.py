@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from weightspace._utils import iter_batches, module_mode
+from weightspace.utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
 

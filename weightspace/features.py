@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from weightspace._utils import iter_batches, model_device, resolve_device
+from weightspace.utils import iter_batches, model_device, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from weightspace._utils import iter_batches, resolve_device
+from weightspace.utils import iter_batches, resolve_device
 
 log = logging.getLogger(__name__)
 
