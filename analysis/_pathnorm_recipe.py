@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from weightspace.tracing import DUNDER_BASE as _DUNDER
 from weightspace.tracing import TracingMode, arg, flatten_tensors, traced_run
+from weightspace.utils import model_device
 
 
 class UnsupportedOperationError(ValueError):
@@ -533,12 +534,6 @@ def _as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
-def _model_device(model: nn.Module, example: Sequence[torch.Tensor]) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return example[0].device
-
-
 @dataclass
 class _Run:
     leaves: list        # [(t, log scale)] of the distinct output activations
@@ -571,7 +566,7 @@ def _float64_copy(model: nn.Module, dev: torch.device) -> nn.Module:
 def _run_ones(model: nn.Module, example_inputs, q: float, device=None) -> _Run:
     """Run a float64 eval copy of ``model`` on all-ones inputs (batch 1) under :class:`_Recipe`."""
     ex = _as_inputs(example_inputs)
-    dev = torch.device(device) if device is not None else _model_device(model, ex)
+    dev = torch.device(device) if device is not None else model_device(model, default=ex[0].device)
     net = _float64_copy(model, dev)
     rec = _Recipe(float(q), {id(p) for p in net.parameters()}, dict(net.named_modules()))
     ones = [torch.ones((1,) + tuple(t.shape[1:]), dtype=torch.float64, device=dev) for t in ex]

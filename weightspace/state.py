@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from weightspace.utils import iter_batches, resolve_device
+from weightspace.utils import iter_batches, model_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -357,12 +357,6 @@ def _skeleton(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 class _Points:
     """K points of a linear family ``theta_k = sum_j coeffs[k, j] * bases[j]`` or an explicit list."""
 
@@ -417,7 +411,7 @@ class _Evaluator:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.device = _model_device(model) if device is None else resolve_device(device)
+        self.device = model_device(model) if device is None else resolve_device(device)
         self.metrics = normalize_metrics(metrics)
         self.loss_fn = loss_fn
         self.skel = _skeleton(model)
