@@ -21,6 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from weightspace.tracing import DUNDER_BASE as _DUNDER
 from weightspace.tracing import TracingMode, arg, flatten_tensors, traced_run
+from weightspace.state import bn_affine
 from weightspace.utils import model_device
 
 
@@ -414,7 +415,7 @@ class _Recipe(TracingMode):
                 "path-norm needs fixed running statistics (train with track_running_stats=True).")
         if not self.is_act(x) or any(self.is_act(t) for t in (mu, var, gamma, beta)):
             raise self.unsupported("'batch_norm' with input-dependent statistics or affine parameters")
-        a, b = _bn_affine(mu, var, gamma, beta, eps)
+        a, b = bn_affine(mu, var, gamma, beta, eps)
         shape = (-1,) + (1,) * (x.dim() - 2)
         aq, bq = a.abs().pow(self.q).reshape(shape), b.abs().pow(self.q).reshape(shape)
         self.counts["batchnorm_folded"] += 1
@@ -505,19 +506,6 @@ class _Recipe(TracingMode):
         target[idx] = value
         self.reg(target, *self.acts[value])
         return None
-
-
-def _bn_affine(mu, var, gamma, beta, eps: float):
-    """Eval BatchNorm as ``a x + b``: ``a = gamma / sqrt(var + eps)``, ``b = beta - a mu`` (float64)."""
-    f = lambda t: t.detach().to(torch.float64)  # noqa: E731
-    a = 1.0 / torch.sqrt(f(var) + eps)
-    b = -a * f(mu)
-    if gamma is not None:
-        a = f(gamma) * a
-        b = b * f(gamma)
-    if beta is not None:
-        b = f(beta) + b
-    return a, b
 
 
 # ----------------------------------------------------------------------------------------------
