@@ -11,7 +11,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from viz._common import VizError
 
@@ -67,46 +67,63 @@ _PROBE = """() => {
 }"""
 
 
-def browser_check(path: Union[str, os.PathLike], expected_figures: Optional[int] = None, *, timeout_s: float = 30.0,
-                  width: int = 1280, height: int = 900, screenshot_to: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
-    """Open ``path`` in headless Chromium and report what rendered.
-
-    Waits (up to ``timeout_s``) until ``expected_figures`` plot divs hold a drawn ``.main-svg`` (default:
-    as many as there are ``.plotly-graph-div``). Returns ``{"divs", "drawn", "main_svg", "data_lengths",
-    "share_buttons", "modebar_titles", "errors", "requests", "offline"}``: ``errors`` are page errors and
-    console errors, ``requests`` every URL the page asked for, ``offline`` whether all are
-    ``file:``/``data:``/``blob:``. Nothing is asserted here: the caller decides.
-    """
-    page_path = Path(path).resolve()
-    if not page_path.is_file():
-        raise VizError(f"{page_path} is not a file")
-    with _browser() as b:
-        page = b.new_page(viewport={"width": width, "height": height})
-        errors: List[str] = []
-        requests: List[str] = []
-        page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-        page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-        page.on("request", lambda r: requests.append(r.url))
-        page.goto(page_path.as_uri(), wait_until="load")
-        n = expected_figures
-        if n is None:
-            n = page.evaluate("document.querySelectorAll('.plotly-graph-div').length")
-        try:
-            page.wait_for_function(
-                "n => [...document.querySelectorAll('.plotly-graph-div')]"
-                ".filter(d => d.classList.contains('js-plotly-plot') && d.querySelector('.main-svg')).length >= n",
-                arg=n, timeout=timeout_s * 1000)
-        except Exception as exc:  # a timeout: report what is there
-            errors.append(f"timeout: {n} figures did not render within {timeout_s} s ({type(exc).__name__})")
-        page.wait_for_timeout(300)  # let late console errors arrive
-        out = page.evaluate(_PROBE)
-        if screenshot_to is not None:
-            page.screenshot(path=str(screenshot_to), full_page=True)
-        page.close()
+def _check_page(b, page_path: Path, n: Optional[int], timeout_s: float, width: int, height: int,
+                screenshot_to) -> Dict[str, Any]:
+    page = b.new_page(viewport={"width": width, "height": height})
+    errors: List[str] = []
+    requests: List[str] = []
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("request", lambda r: requests.append(r.url))
+    try:  # inline figure scripts run while the page loads: a big report can take a while on a busy machine
+        page.goto(page_path.as_uri(), wait_until="load", timeout=timeout_s * 1000)
+    except Exception as exc:
+        errors.append(f"timeout: the page did not load within {timeout_s} s ({type(exc).__name__})")
+    if n is None:
+        n = page.evaluate("document.querySelectorAll('.plotly-graph-div').length")
+    try:
+        page.wait_for_function(
+            "n => [...document.querySelectorAll('.plotly-graph-div')]"
+            ".filter(d => d.classList.contains('js-plotly-plot') && d.querySelector('.main-svg')).length >= n",
+            arg=n, timeout=timeout_s * 1000)
+    except Exception as exc:  # a timeout: report what is there
+        errors.append(f"timeout: {n} figures did not render within {timeout_s} s ({type(exc).__name__})")
+    page.wait_for_timeout(300)  # let late console errors arrive
+    out = page.evaluate(_PROBE)
+    if screenshot_to is not None:
+        page.screenshot(path=str(screenshot_to), full_page=True)
+    page.close()
     out["errors"] = errors
     out["requests"] = requests
     out["offline"] = all(u.startswith(_OFFLINE) for u in requests)
     return out
+
+
+def browser_check(path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+                  expected_figures: Union[None, int, Sequence[Optional[int]]] = None, *, timeout_s: float = 30.0,
+                  width: int = 1280, height: int = 900, screenshot_to: Optional[Union[str, os.PathLike]] = None):
+    """Open ``path`` in headless Chromium and report what rendered.
+
+    Waits (up to ``timeout_s``) until ``expected_figures`` plot divs hold a drawn ``.main-svg`` (default:
+    as many as there are ``.plotly-graph-div``). Returns ``{"divs", "drawn", "main_svg", "data_lengths",
+    "share_buttons", "modebar_titles", "errors", "requests", "offline"}``: ``data_lengths`` is each plot
+    div's number of traces, ``errors`` are page errors and console errors, ``requests`` every URL the
+    page asked for, ``offline`` whether all are ``file:``/``data:``/``blob:``. Nothing is asserted here:
+    the caller decides. A list of paths (with a list of expected counts) is checked in one browser
+    session and gives a list of dicts.
+    """
+    many = isinstance(path, (list, tuple))
+    paths = [Path(p).resolve() for p in (path if many else [path])]
+    ns = list(expected_figures) if isinstance(expected_figures, (list, tuple)) else [expected_figures] * len(paths)
+    if len(ns) != len(paths):
+        raise VizError(f"{len(paths)} pages but {len(ns)} expected figure counts")
+    for p in paths:
+        if not p.is_file():
+            raise VizError(f"{p} is not a file")
+    with _browser() as b:
+        outs = [_check_page(b, p, n, timeout_s, width, height, screenshot_to if not many else None)
+                for p, n in zip(paths, ns)]
+    return outs if many else outs[0]
 
 
 def screenshot(path: Union[str, os.PathLike], out: Union[str, os.PathLike], *, width: int = 1280,
