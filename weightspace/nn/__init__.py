@@ -49,6 +49,18 @@ _EXPORTS = {
     "FlatMLP": "weightspace.nn._baselines",
     "StatNN": "weightspace.nn._baselines",
     "StatFeatures": "weightspace.nn._baselines",
+    # graph processors, training loops (helper N2)
+    "GraphProcessor": "weightspace.nn._graph",
+    "GraphOutput": "weightspace.nn._graph",
+    "GraphInputError": "weightspace.nn._graph",
+    "graph_outputs_to_state_dicts": "weightspace.nn._graph",
+    "graphs_from_states": "weightspace.nn._graph",
+    "RelationalTransformer": "weightspace.nn._rt",
+    "fit_processor": "weightspace.nn._train",
+    "predict": "weightspace.nn._train",
+    "ProcessorFit": "weightspace.nn._train",
+    "TrainingError": "weightspace.nn._train",
+    "kendall_tau": "weightspace.nn._train",
 }
 
 __all__ = sorted(_EXPORTS)
