@@ -1,0 +1,280 @@
+"""Universal neural functionals: equivariant linear layers built from any PermutationSpec.
+
+Zhou, Finn & Harrison 2024, "Universal Neural Functionals", arXiv:2402.05232. The layer spans the
+*whole* space of linear maps that commute with the spec's permutation group (see
+:mod:`weightspace.nn._basis` for the enumeration and its proof sketch), for every architecture the
+tracer describes:
+
+=========================  =================================================================
+spec feature               how the layer treats it
+=========================  =================================================================
+MLP hidden units           group slots (HNP: inputs/outputs fixed, the true symmetry)
+conv channels              group slots; kernel positions dense (``fixed_axes="dense"``) or
+                           permuted per layer (``"permuted"``, UNF's default, not a symmetry)
+flatten ``(c x ~H*W)``     the product axis is split: ``c`` a slot, ``H*W`` dense
+residual groups            one group on many tensors: every pair of them gets its terms
+attention ``(heads x d)``  split into a head slot and a head-dim slot; q/k share a head-dim group
+packed ``in_proj`` (q|k|v) the concat axis is split into one piece per block
+BatchNorm / LayerNorm      their vectors are pieces with one slot (or dense if fixed)
+square / recurrent W       repeated slots of one group: the diagonal terms (Bell counts) appear
+=========================  =================================================================
+
+Refused (:class:`UnsupportedSpecError`): a concatenation inside a product axis, more than 20 permuted
+axes in one tensor. Basis growth: between two tensors with ``c_g`` slots of group ``g`` the layer has
+``prod_g Bell(c_g(a)+c_g(b)) * F_a * F_b`` terms per channel pair, where ``F`` is the product of the
+dense sizes; e.g. a hidden MLP weight to itself ``Bell(2)^2 = 4``, a square ``W -> W`` with one
+group ``Bell(4) = 15``, a conv kernel to itself ``4 * 9 * 9 = 324`` in dense mode (``4 * Bell(2)^2 =
+16`` with permuted kernel axes). Every pair of tensors is connected at least through its pooled
+term, so the parameter count grows with the square of the number of tensors times ``F^2``;
+``bottleneck=r`` factorises each signature's matrix through ``r`` dimensions (still equivariant,
+full span only when ``r`` is large enough).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from weightspace.nn._basis import BasisPlan, SpaceLayout, UnsupportedSpecError, delta
+from weightspace.nn._batch import BatchError, WeightSpaceBatch, default_keys
+from weightspace.symmetry import PermutationSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["UNFLayer", "UNF", "InvariantPool", "resolve_space", "make_activation", "EquivariantActivation"]
+
+SpecLike = Union[PermutationSpec, WeightSpaceBatch]
+
+
+def resolve_space(spec: SpecLike, keys: Optional[Sequence[str]]) -> Tuple[PermutationSpec, Tuple[str, ...]]:
+    """``(spec, keys)`` from a spec (keys default to :func:`default_keys`) or from a batch (its keys)."""
+    if isinstance(spec, WeightSpaceBatch):
+        return spec.spec, tuple(keys) if keys is not None else spec.keys
+    if not isinstance(spec, PermutationSpec):
+        raise UnsupportedSpecError(f"expected a weightspace.PermutationSpec or a WeightSpaceBatch, not {type(spec).__name__}")
+    return spec, tuple(keys) if keys is not None else default_keys(spec)
+
+
+def check_batch(batch: Any, keys: Tuple[str, ...], channels: int, who: str) -> None:
+    if not isinstance(batch, WeightSpaceBatch):
+        raise BatchError(f"{who} takes a WeightSpaceBatch (wsnn.WeightSpaceBatch.from_state_dicts(state_dicts, spec)), "
+                         f"not {type(batch).__name__}")
+    if batch.keys != keys:
+        extra, missing = sorted(set(batch.keys) - set(keys)), sorted(set(keys) - set(batch.keys))
+        raise BatchError(f"{who} was built for other keys than the batch holds (batch only: {extra[:4]}, layer only: "
+                         f"{missing[:4]}{', or another order' if not extra and not missing else ''}); build the layer "
+                         "from the batch (pass the batch as spec, or keys=batch.keys)")
+    if batch.num_channels != channels:
+        raise BatchError(f"{who} expects {channels} input channels but the batch has {batch.num_channels}")
+
+
+class UNFLayer(nn.Module):
+    """Equivariant linear map ``WeightSpaceBatch (C_in channels) -> WeightSpaceBatch (C_out channels)``.
+
+    ``Y_a = sum_b sum_{partitions} E_a(R_b(X_b)) Theta + beta_a``: for every pair of pieces, every
+    partition term (diagonal/mean on the input side, diagonal-embed/broadcast on the output side)
+    with its own ``(F_b C_in) x (F_a C_out)`` matrix, plus an invariant bias (constant on each orbit of
+    output coordinates). Spans the full commutant of the spec's group (module docstring of
+    :mod:`weightspace.nn._basis`).
+
+    Parameters
+    ----------
+    spec : a PermutationSpec (keys: :func:`default_keys`) or a WeightSpaceBatch (its spec and keys).
+    in_channels, out_channels : channels per weight.
+    keys : the processed keys (must equal the batch's keys).
+    fixed_axes : ``"dense"`` (exact group; HNP for MLPs) or ``"permuted"`` (fixed axes permuted too;
+        NP for MLPs, UNF's default for kernels).
+    bias : add the invariant bias.
+    bottleneck : factorise each signature's matrix through this many dimensions (None: full).
+    """
+
+    def __init__(self, spec: SpecLike, in_channels: int, out_channels: int, *, keys: Optional[Sequence[str]] = None,
+                 fixed_axes: str = "dense", bias: bool = True, bottleneck: Optional[int] = None,
+                 layout: Optional[SpaceLayout] = None, plan: Optional[BasisPlan] = None) -> None:
+        super().__init__()
+        spec, keys = resolve_space(spec, keys)
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        self.layout = layout if layout is not None else SpaceLayout(spec, keys, fixed_axes)
+        self.plan = plan if plan is not None else BasisPlan(self.layout, bias=bias)
+        self.keys, self.in_channels, self.out_channels = tuple(keys), int(in_channels), int(out_channels)
+        self.fixed_axes, self.bottleneck = self.layout.fixed_axes, bottleneck
+        pieces = self.layout.pieces
+        # fan-in of each output piece over all its terms, for a variance-preserving init
+        fan = [0] * len(pieces)
+        for s in self.plan.signatures:
+            w = self.plan.in_width(s) * in_channels
+            for t in self.plan.out_terms[s]:
+                fan[t.piece] += w
+        self.thetas = nn.ParameterList()
+        self.factors = nn.ParameterList()
+        for s in self.plan.signatures:
+            n_in = self.plan.in_width(s) * in_channels + (1 if s == () and self.plan.bias else 0)
+            cols = [torch.full((pieces[t.piece].F * out_channels,), 1.0 / math.sqrt(max(fan[t.piece], 1)))
+                    for t in self.plan.out_terms[s]]
+            std = torch.cat(cols)
+            if bottleneck is None:
+                theta = torch.randn(n_in, std.numel()) * std
+                if s == () and self.plan.bias:
+                    theta[-1].zero_()
+                self.thetas.append(nn.Parameter(theta))
+            else:
+                r = int(bottleneck)
+                self.thetas.append(nn.Parameter(torch.randn(n_in, r) / math.sqrt(max(n_in, 1))))
+                self.factors.append(nn.Parameter(torch.randn(r, std.numel()) * std * math.sqrt(n_in / r)))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels} -> {self.out_channels}, {len(self.layout.pieces)} pieces, "
+                f"{self.plan.num_terms()} terms, fixed_axes={self.fixed_axes!r}")
+
+    def matrices(self) -> List[torch.Tensor]:
+        if self.bottleneck is None:
+            return list(self.thetas)
+        return [u @ v for u, v in zip(self.thetas, self.factors)]
+
+    def forward(self, batch: WeightSpaceBatch) -> WeightSpaceBatch:
+        check_batch(batch, self.keys, self.in_channels, "UNFLayer")
+        xs = self.layout.extract(batch.tensors)
+        return batch.with_tensors(self.layout.assemble(self.apply_pieces(xs)))
+
+    def apply_pieces(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The layer on pieces ``(B, n..., F, C_in)`` -> pieces ``(B, n..., F, C_out)``."""
+        pieces, plan = self.layout.pieces, self.plan
+        B = xs[0].shape[0]
+        flat = [x.reshape(*x.shape[:-2], -1) for x in xs]
+        ys: List[List[torch.Tensor]] = [[] for _ in pieces]
+        dev, dt = flat[0].device, flat[0].dtype
+        for s, theta in zip(plan.signatures, self.matrices()):
+            zs = [torch.einsum(t.equation, flat[t.piece]) / t.divisor for t in plan.in_terms[s]]
+            if s == () and plan.bias:
+                zs.append(torch.ones(B, 1, device=dev, dtype=dt))
+            z = torch.cat(zs, dim=-1) if len(zs) > 1 else zs[0]
+            h = z @ theta
+            off = 0
+            for t in plan.out_terms[s]:
+                w = pieces[t.piece].F * self.out_channels
+                chunk = h[..., off:off + w]
+                off += w
+                ops = [delta(n, m, dev, dt) for n, m in t.deltas]
+                ys[t.piece].append(torch.einsum(t.equation, chunk, *ops) if ops or t.equation.split("->")[0] != t.equation.split("->")[1] else chunk)
+        out = []
+        for p, terms in zip(pieces, ys):
+            y = terms[0] if len(terms) == 1 else torch.stack(terms).sum(0) if terms else None
+            if y is None:  # a piece no term writes to cannot occur (the pooled term reaches every piece)
+                y = xs[0].new_zeros(B, *p.slot_sizes, p.F * self.out_channels)
+            out.append(y.reshape(B, *p.slot_sizes, p.F, self.out_channels))
+        return out
+
+
+class InvariantPool(nn.Module):
+    """All invariant linear functionals of a batch: ``(B, D_inv * C)``.
+
+    For every piece and every partition of its slots, the mean over the diagonal (a full set of
+    orbit indicators on coordinates): per-tensor means, means of diagonals of square weights, and every
+    dense (fixed) index separately in ``"dense"`` mode (e.g. one mean per input feature of the first
+    layer, per logit of the last) -- the complete HNP pooling.
+    """
+
+    def __init__(self, spec: SpecLike, channels: int, *, keys: Optional[Sequence[str]] = None, fixed_axes: str = "dense",
+                 layout: Optional[SpaceLayout] = None, plan: Optional[BasisPlan] = None) -> None:
+        super().__init__()
+        spec, keys = resolve_space(spec, keys)
+        self.layout = layout if layout is not None else SpaceLayout(spec, keys, fixed_axes)
+        self.plan = plan if plan is not None else BasisPlan(self.layout, bias=False)
+        self.keys, self.channels = tuple(keys), int(channels)
+        self.out_features = self.plan.in_width(()) * self.channels
+
+    def forward(self, batch: WeightSpaceBatch) -> torch.Tensor:
+        check_batch(batch, self.keys, self.channels, "InvariantPool")
+        return self.pool_pieces(self.layout.extract(batch.tensors))
+
+    def pool_pieces(self, xs: List[torch.Tensor]) -> torch.Tensor:
+        flat = [x.reshape(*x.shape[:-2], -1) for x in xs]
+        return torch.cat([torch.einsum(t.equation, flat[t.piece]) / t.divisor for t in self.plan.in_terms[()]], dim=-1)
+
+
+def make_activation(name: Union[str, nn.Module, None]) -> nn.Module:
+    if isinstance(name, nn.Module):
+        return name
+    table = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, None: nn.Identity, "none": nn.Identity}
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r}; choose one of relu, gelu, silu, tanh, none or pass a module")
+    return table[name]()
+
+
+class EquivariantActivation(nn.Module):
+    """A pointwise nonlinearity applied to every weight and channel (equivariant to any permutation)."""
+
+    def __init__(self, activation: Union[str, nn.Module] = "relu") -> None:
+        super().__init__()
+        self.act = make_activation(activation)
+
+    def forward(self, batch: WeightSpaceBatch) -> WeightSpaceBatch:
+        return batch.map(self.act)
+
+
+def readout_mlp(in_features: int, hidden: int, out_features: int, activation: Union[str, nn.Module]) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), make_activation(activation), nn.Linear(hidden, out_features))
+
+
+class UNF(nn.Module):
+    """A universal neural functional: ``num_layers`` :class:`UNFLayer` s with pointwise nonlinearities.
+
+    ``out_features=k`` (invariant): after the layers, :class:`InvariantPool` and a two-layer MLP give
+    ``(B, k)``, invariant to the spec's group. ``out_features=None`` (equivariant): the last layer maps to
+    ``out_channels`` and the result is a :class:`WeightSpaceBatch` (e.g. an edit or a learned update of
+    the input weights; ``to_state_dicts()`` on it with ``out_channels=1``).
+
+    Parameters
+    ----------
+    spec : PermutationSpec (processed keys :func:`default_keys`) or a WeightSpaceBatch (its keys).
+    hidden_channels, num_layers : width and depth (``num_layers >= 1``).
+    out_features : ``int`` for an invariant readout, ``None`` for an equivariant output.
+    in_channels, out_channels : input channels (1 for raw weights), output channels when equivariant.
+    fixed_axes, bottleneck : as in :class:`UNFLayer`.
+    activation : pointwise nonlinearity between layers (``"relu"``, ``"gelu"``, ...).
+    input_scale : multiply the input weights by this constant (weights are small; a scale near
+        ``1 / weight std`` helps optimisation and keeps equivariance).
+    """
+
+    family = "UNF"
+
+    def __init__(self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: Optional[int] = 1, *,
+                 in_channels: int = 1, out_channels: int = 1, keys: Optional[Sequence[str]] = None,
+                 fixed_axes: str = "dense", bottleneck: Optional[int] = None, activation: Union[str, nn.Module] = "relu",
+                 readout_hidden: Optional[int] = None, input_scale: float = 1.0) -> None:
+        super().__init__()
+        spec, keys = resolve_space(spec, keys)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.keys, self.out_features, self.in_channels = tuple(keys), out_features, int(in_channels)
+        self.input_scale = float(input_scale)
+        self.layout = SpaceLayout(spec, keys, fixed_axes)
+        plan = BasisPlan(self.layout, bias=True)
+        widths = [in_channels] + [hidden_channels] * num_layers
+        if out_features is None:
+            widths[-1] = out_channels
+        self.layers = nn.ModuleList(UNFLayer(spec, widths[i], widths[i + 1], keys=keys, bottleneck=bottleneck,
+                                             layout=self.layout, plan=plan) for i in range(num_layers))
+        self.act = make_activation(activation)
+        if out_features is not None:
+            self.pool = InvariantPool(spec, widths[-1], keys=keys, layout=self.layout, plan=plan)
+            self.head = readout_mlp(self.pool.out_features, readout_hidden or max(hidden_channels * 4, 32), int(out_features), activation)
+        log.debug("UNF: %d pieces, %d basis terms per channel pair, %d parameters", len(self.layout.pieces),
+                  plan.num_terms(), sum(p.numel() for p in self.parameters()))
+
+    def forward(self, batch: WeightSpaceBatch) -> Union[torch.Tensor, WeightSpaceBatch]:
+        check_batch(batch, self.keys, self.in_channels, type(self).__name__)
+        xs = self.layout.extract(batch.tensors)
+        if self.input_scale != 1.0:
+            xs = [x * self.input_scale for x in xs]
+        for i, layer in enumerate(self.layers):
+            xs = layer.apply_pieces(xs)
+            if i < len(self.layers) - 1 or self.out_features is not None:
+                xs = [self.act(x) for x in xs]
+        if self.out_features is None:
+            return batch.with_tensors(self.layout.assemble(xs))
+        return self.head(self.pool.pool_pieces(xs))
