@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from weightspace._spec import Axis, PermutationSpec, SpecError
 from weightspace._ops import _MHA_ARGS, _call, _flatten
 from weightspace._trace import TraceError, trace_dims
+from weightspace._transform import axis_roles, transform
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ __all__ = [
     "permute",
     "check_spec",
     "SpecCheck",
+    "transform",
+    "axis_roles",
 ]
 
 Perms = Dict[str, torch.Tensor]
