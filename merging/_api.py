@@ -41,7 +41,7 @@ def _model_name(i: int) -> str:
 class _Inputs:
     """Models normalised to full states, with the reference module and provenance."""
 
-    def __init__(self, models: Sequence[Any], names: Sequence[str]):
+    def __init__(self, models: Sequence[Any], names: Sequence[str], same_shapes: bool = True):
         from weightspace.io import load_state_dict
 
         self.names = list(names)
@@ -68,8 +68,11 @@ class _Inputs:
             else:
                 raise MergeError(f"{name} is a {type(obj).__name__}; pass an nn.Module, a state dict or a checkpoint path")
         self.reference = next((m for m in self.modules if m is not None), None)
-        if self.reference is not None:
+        if self.reference is not None and same_shapes:
             self.states = [as_state(s, self.reference, name) for s, name in zip(raw, names)]
+        elif self.reference is not None:
+            self.states = [as_state(s, m, name) if m is not None else OrderedDict((k, v.detach()) for k, v in s.items())
+                           for s, m, name in zip(raw, self.modules, names)]
         else:
             self.states = [OrderedDict((k, v.detach()) for k, v in s.items()) for s in raw]
 
@@ -176,9 +179,12 @@ def _prepare(models: Sequence[Any], info: MethodInfo, *, base: Any, weights: Any
     if n < info.min_models:
         raise MergeError(f"method {info.name!r} needs at least {info.min_models} models, got {n}")
     names = [_model_name(i) for i in range(n)]
-    inputs = _Inputs(models, names)
+    inputs = _Inputs(models, names, info.same_shapes)
     for i in range(1, n):
-        check_compatible(inputs.states[0], inputs.states[i], (names[0], names[i]))
+        if info.same_shapes:
+            check_compatible(inputs.states[0], inputs.states[i], (names[0], names[i]))
+        elif set(inputs.states[0]) != set(inputs.states[i]):
+            check_compatible(inputs.states[0], inputs.states[i], (names[0], names[i]))  # raises naming the keys
     for st, name in zip(inputs.states, names):
         check_finite(st, name)
     w = _resolve_weights(n, weights, alpha)
@@ -222,11 +228,19 @@ def _build_model(reference: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.
     return new
 
 
+def _target_module(inputs: "_Inputs", sd: Mapping[str, torch.Tensor]) -> Optional[nn.Module]:
+    """The first given module whose state has the merged shapes (model_a's unless widths differ)."""
+    for m, st in zip(inputs.modules, inputs.states):
+        if m is not None and all(k in st and tuple(st[k].shape) == tuple(v.shape) for k, v in sd.items()):
+            return m
+    return None
+
+
 def _finish_state(out: MethodOutput, ref_state: Mapping[str, torch.Tensor], info: MethodInfo) -> Dict[str, torch.Tensor]:
     sd = out.state_dict
     if not isinstance(sd, Mapping):
         raise RuntimeError(f"method {info.name!r} returned {type(sd).__name__} instead of a state dict")
-    if out.model is None:
+    if out.model is None and info.same_shapes:
         missing = [k for k in ref_state if k not in sd]
         if missing:
             raise RuntimeError(f"method {info.name!r} returned no value for {missing[:5]}")
@@ -316,7 +330,8 @@ def merge(*models: Any, method: str = "average", weights: Optional[Sequence[floa
     sd = _finish_state(res_out, inputs.states[0], run_info)
     model = res_out.model
     if model is None and inputs.reference is not None:
-        model = _build_model(inputs.reference, sd)
+        target = _target_module(inputs, sd)
+        model = None if target is None else _build_model(target, sd)
     timings["build"] = time.perf_counter() - t0
     settings = {"method": method, "options": opts, "weights": ctx.weights, "seed": ctx.seed, "device": str(ctx.device),
                 "repair": repair, "n_models": len(models), "inputs": inputs.describe(), "versions": versions()}

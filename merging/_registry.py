@@ -29,6 +29,7 @@ __all__ = ["MethodInfo", "MergeContext", "MethodOutput", "MergeError", "register
 # One line per method module; each helper adds the line of its own module when the file exists.
 _METHOD_MODULES: Tuple[str, ...] = (
     "merging.average",
+    "merging.task_vectors",
 )
 
 _NEEDS = ("spec", "data", "base")
@@ -52,6 +53,8 @@ class MethodInfo(Result):
     aligns : the method also implements ``align()`` (``align_fn``).
     elementwise : tensor-by-tensor, so streamable (average, task vectors).
     min_models : the fewest models the method accepts.
+    same_shapes : the models must share every shape (False: e.g. OT fusion of different widths; merge()
+        then checks each model on its own and the method returns ``MethodOutput.model`` when needed).
     doc : the first paragraph of the method's docstring.
     """
 
@@ -66,6 +69,7 @@ class MethodInfo(Result):
     fn: Callable = field(repr=False, compare=False)
     align_fn: Optional[Callable] = field(default=None, repr=False, compare=False)
     align_options: Dict[str, Any] = field(default_factory=dict)
+    same_shapes: bool = True
 
     _skip_in_dict = ("fn", "align_fn")
 
@@ -137,7 +141,7 @@ def _signature_options(fn: Callable, what: str) -> Tuple[Dict[str, Any], bool]:
 
 def register(name: str, *, paper: str, needs: Tuple[str, ...] = (), options: Optional[Dict[str, Any]] = None,
              aligns: bool = False, elementwise: bool = False, min_models: int = 2,
-             align_fn: Optional[Callable] = None) -> Callable[[Callable], Callable]:
+             align_fn: Optional[Callable] = None, same_shapes: bool = True) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(ctx, **options) -> MethodOutput`` as method ``name``.
 
     ``options`` defaults to the keyword parameters of ``fn`` with their defaults. ``align_fn(ctx,
@@ -170,7 +174,7 @@ def register(name: str, *, paper: str, needs: Tuple[str, ...] = (), options: Opt
         _REGISTRY[name] = MethodInfo(name=name, paper=paper, needs=tuple(needs), options=opts, aligns=bool(aligns),
                                      elementwise=bool(elementwise), min_models=int(min_models),
                                      doc=_first_paragraph(fn.__doc__), fn=fn, align_fn=align_fn,
-                                     align_options=a_opts)
+                                     align_options=a_opts, same_shapes=bool(same_shapes))
         return fn
 
     return deco

@@ -63,7 +63,11 @@ class MergeResult(Result):
 
     def to_dict(self) -> Dict[str, Any]:
         out = super().to_dict()
-        out["tensors"] = {k: list(v.shape) for k, v in self.state_dict.items()}
+        shapes = getattr(self.state_dict, "shapes", None)  # lazy mappings over a file answer without reading
+        if callable(shapes):
+            out["tensors"] = {k: list(v) for k, v in shapes().items()}
+        else:
+            out["tensors"] = {k: list(v.shape) for k, v in self.state_dict.items()}
         out["groups"] = {g: int(n) for g, n in self.spec.groups.items()} if self.spec is not None else {}
         return out
 
