@@ -29,6 +29,8 @@ __all__ = ["MethodInfo", "MergeContext", "MethodOutput", "MergeError", "register
 # One line per method module; each helper adds the line of its own module when the file exists.
 _METHOD_MODULES: Tuple[str, ...] = (
     "merging.average",
+    "merging.weight_matching",
+    "merging.zipit",
     "merging.task_vectors",
 )
 
