@@ -31,6 +31,7 @@ _METHOD_MODULES: Tuple[str, ...] = (
     "merging.average",
     "merging.weight_matching",
     "merging.zipit",
+    "merging.ot_fusion",
     "merging.task_vectors",
 )
 
