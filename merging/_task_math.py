@@ -67,7 +67,7 @@ def trim_threshold(delta: torch.Tensor, density: float) -> float:
     k = keep_count(n, density, at_least_one=True)
     if k >= n:
         return 0.0
-    return float(torch.topk(delta.reshape(-1).abs(), k, sorted=False).values.min())
+    return float(torch.kthvalue(delta.reshape(-1).abs(), n - k + 1).values)   # k-th largest = (n-k+1)-th smallest
 
 
 def _bits(x: torch.Tensor, wide: bool) -> torch.Tensor:
