@@ -111,7 +111,7 @@ def kth_largest_abs(passes: Callable[[], Iterable[Sequence[torch.Tensor]]], k: S
                     b = b[(b >> (shift + 16)) == prefix[t]]
                 if b.numel():
                     digit = (b >> shift) & 0xFFFF
-                    hists[t] += torch.bincount(digit.cpu(), minlength=65536)
+                    hists[t] += torch.bincount(digit, minlength=65536).cpu()   # histogram on the data's device
         if counts_total is None:
             counts_total = seen
             for t in range(n_streams):

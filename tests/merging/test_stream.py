@@ -204,3 +204,14 @@ def test_streaming_refusals_write_nothing(ckpts):
         merging.merge(*paths, base=d / "base.safetensors", method="ties", density=2.0, out=out)
     assert _files(d) == before                            # no output, no temporary file
     assert torch.equal(io.load_state_dict(paths[0])["enc.weight"], fts[0]["enc.weight"])   # inputs intact
+
+
+@pytest.mark.gpu
+def test_streaming_on_cuda_equals_cpu(ckpts):
+    d, _, _, paths = ckpts
+    kw = dict(base=d / "base.safetensors", method="ties", trim="global", density=0.3)
+    merging.merge(*paths, out=d / "cpu.safetensors", device="cpu", **kw)
+    merging.merge(*paths, out=d / "gpu.safetensors", device="cuda", **kw)
+    a, b = io.load_state_dict(d / "cpu.safetensors"), io.load_state_dict(d / "gpu.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)

@@ -310,3 +310,17 @@ def test_registry_records_papers():
         info = ms[name]
         assert arxiv in info.paper and info.needs == ("base",) and info.elementwise
     assert ms["ties"].options == {"density": 0.2, "scaling": 1.0, "trim": "per_tensor", "merge": "mean"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,opts", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
+                                         ("ties", {"density": 0.3, "trim": "global"}), ("dare_linear", {}),
+                                         ("dare_ties", {"rescale": "l1"})])
+def test_cuda_matches_cpu(task_models, method, opts):
+    base, fts = task_models
+    cpu = merging.merge(*fts, base=base, method=method, device="cpu", seed=1, **opts)
+    gpu = merging.merge(*fts, base=base, method=method, device="cuda", seed=1, **opts)
+    for k in base:   # same masks and thresholds (selection is exact), sums up to float64 round-off
+        torch.testing.assert_close(gpu.state_dict[k].cpu(), cpu.state_dict[k], rtol=0, atol=1e-12)
+    if opts.get("trim") == "global":
+        assert gpu.log["method"]["global_thresholds"] == cpu.log["method"]["global_thresholds"]
