@@ -298,7 +298,12 @@ def merge(*models: Any, method: str = "average", weights: Optional[Sequence[floa
     if len(models) >= 3 and info.aligns:
         run_info = get("merge_many")
         run_options = {"inner": method, **options}
-    opts = _check_options(run_info, run_options, run_info.options, "method")
+    if run_info.name == "merge_many":  # its own options plus the inner method's alignment options
+        inner = get(run_options.get("inner", "weight_matching"))
+        _check_options(run_info, run_options, {**run_info.options, **inner.align_options}, "method")
+        opts = dict(run_options)
+    else:
+        opts = _check_options(run_info, run_options, run_info.options, "method")
     out_path = _check_out(out, models, overwrite)
     stream = _maybe_stream(info, models, base, out_path, repair)
     if stream is not None:

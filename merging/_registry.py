@@ -30,6 +30,8 @@ __all__ = ["MethodInfo", "MergeContext", "MethodOutput", "MergeError", "register
 _METHOD_MODULES: Tuple[str, ...] = (
     "merging.average",
     "merging.weight_matching",
+    "merging.activation_matching",
+    "merging.merge_many",
     "merging.zipit",
     "merging.ot_fusion",
     "merging.task_vectors",
