@@ -353,6 +353,12 @@ def stream_merge(*, info: MethodInfo, paths: Sequence[Path], base: Any = None, w
     dev = resolve_device(device)
     timings["check"] = time.perf_counter() - t_start
 
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+    # options are checked by the method itself: a call on empty states validates them before any work
+    info.fn(MergeContext(states=[OrderedDict() for _ in paths], models=[None] * n, reference=None, spec=None, weights=w,
+                         data=None, base=None if base_reader is None else OrderedDict(), seed=int(seed), device=dev,
+                         generator=gen, example_inputs=None), **options)
     keys = list(readers[0])
     shapes, dtypes = readers[0].shapes(), readers[0].dtypes()
     float_keys = [k for k in keys if dtypes[k].is_floating_point]
@@ -378,8 +384,6 @@ def stream_merge(*, info: MethodInfo, paths: Sequence[Path], base: Any = None, w
                 "repair": None, "n_models": n, "inputs": [str(p) for p in paths],
                 "base": str(base) if base is not None else None, "streamed": True, "versions": versions()}
     metadata = {MERGE_METADATA_KEY: json.dumps(to_jsonable(settings), sort_keys=True)}
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
     t0 = time.perf_counter()
     peak_key_bytes, negative_var = 0, []
     with StreamWriter(out, [(k, dtypes[k], shapes[k]) for k in keys], metadata, overwrite=overwrite) as writer:

@@ -30,6 +30,16 @@ def check_density(density: float, method: str) -> float:
     return d
 
 
+def check_scaling(scaling: float, method: str) -> float:
+    try:
+        lam = float(scaling)
+    except (TypeError, ValueError):
+        raise MergeError(f"option scaling of {method!r} must be a number (lambda), got {scaling!r}") from None
+    if not math.isfinite(lam):
+        raise MergeError(f"option scaling of {method!r} must be finite, got {scaling!r}")
+    return lam
+
+
 def check_choice(value: str, choices: Sequence[str], option: str, method: str) -> str:
     if value not in choices:
         raise MergeError(f"option {option} of {method!r} must be one of {list(choices)}, got {value!r}")

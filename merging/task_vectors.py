@@ -176,7 +176,7 @@ def task_arithmetic(ctx: MergeContext, scaling: float = 1.0) -> MethodOutput:
     ``c_k = N w_k`` (1 for uniform weights). ``scaling`` is the paper's ``lambda`` (chosen on held-out data
     there; FusionBench uses 0.3 for eight tasks). With one model and ``scaling=1`` it returns that model.
     """
-    lam = float(scaling)
+    lam = tm.check_scaling(scaling, "task_arithmetic")
     c = tm.relative_coeffs(ctx.weights)
 
     def per_key(key, deltas, b):
@@ -206,7 +206,7 @@ def ties(ctx: MergeContext, density: float = 0.2, scaling: float = 1.0, trim: st
     density = tm.check_density(density, "ties")
     tm.check_choice(trim, _TRIMS, "trim", "ties")
     tm.check_choice(merge, _MERGES, "merge", "ties")
-    lam = float(scaling)
+    lam = tm.check_scaling(scaling, "ties")
     c = tm.relative_coeffs(ctx.weights)
     thresholds: Optional[List[float]] = None
     if trim == "global":
@@ -244,7 +244,7 @@ def dare_linear(ctx: MergeContext, density: float = 0.5, scaling: float = 1.0, r
     """
     density = tm.check_density(density, "dare_linear")
     tm.check_choice(rescale, _RESCALES, "rescale", "dare_linear")
-    lam = float(scaling)
+    lam = tm.check_scaling(scaling, "dare_linear")
     c = tm.relative_coeffs(ctx.weights)
 
     def per_key(key, deltas, b):
@@ -269,7 +269,7 @@ def dare_ties(ctx: MergeContext, density: float = 0.5, scaling: float = 1.0, res
     density = tm.check_density(density, "dare_ties")
     tm.check_choice(rescale, _RESCALES, "rescale", "dare_ties")
     tm.check_choice(merge, _MERGES, "merge", "dare_ties")
-    lam = float(scaling)
+    lam = tm.check_scaling(scaling, "dare_ties")
     c = tm.relative_coeffs(ctx.weights)
 
     def per_key(key, deltas, b):

@@ -289,6 +289,8 @@ def test_errors_name_the_problem(task_models):
         merging.merge(*fts, base=base, method="ties", density=0.0)
     with pytest.raises(ValueError, match="density"):
         merging.merge(*fts, base=base, method="dare_linear", density=1.5)
+    with pytest.raises(ValueError, match="scaling"):
+        merging.merge(*fts, base=base, method="task_arithmetic", scaling=float("nan"))
     with pytest.raises(ValueError, match="trim"):
         merging.merge(*fts, base=base, method="ties", trim="layer")
     with pytest.raises(ValueError, match="rescale"):
