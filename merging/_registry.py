@@ -34,6 +34,7 @@ _METHOD_MODULES: Tuple[str, ...] = (
     "merging.merge_many",
     "merging.zipit",
     "merging.ot_fusion",
+    "merging.ste",
     "merging.task_vectors",
 )
 
