@@ -22,6 +22,7 @@ _EXPORTS = {
     "invert_permutation": "weightspace.symmetry",
     "compose_permutations": "weightspace.symmetry",
     "permute": "weightspace.symmetry",
+    "transform": "weightspace.symmetry",
     "check_spec": "weightspace.symmetry",
     "SpecError": "weightspace.symmetry",
     "TraceError": "weightspace.symmetry",

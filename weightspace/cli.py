@@ -277,6 +277,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--json", default=None, help="write groups and Git Re-Basin axes_to_perm to this file")
         else:
             s.add_argument("--max-layers", type=int, default=40)
+    from weightspace import _cli_merge  # the merge command lives in its own module
+
+    _cli_merge.add_parser(sub)
     return p
 
 

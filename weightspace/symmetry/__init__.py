@@ -19,6 +19,7 @@ from weightspace.symmetry._spec import Axis, PermutationSpec, SpecError
 from weightspace.symmetry._trace import TraceError, trace_dims
 from weightspace.tracing import MHA_ARGS, TracingMode, flatten_tensors
 from weightspace.utils import call_model
+from weightspace.symmetry._transform import axis_roles, transform
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ __all__ = [
     "permute",
     "check_spec",
     "SpecCheck",
+    "transform",
+    "axis_roles",
 ]
 
 Perms = Dict[str, torch.Tensor]

@@ -1,0 +1,302 @@
+"""Weight-matching engine: per-(key, axis) matrices, cost assembly, dirty tracking, batched LAPs.
+
+Private to ``merging`` (used by :mod:`merging.weight_matching`, :mod:`merging.merge_many` and the
+benchmarks). See :func:`merging.weight_matching.weight_matching` for the algorithm and its guarantees.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from merging.solvers import linear_assignment
+
+log = logging.getLogger(__name__)
+
+Perms = Dict[str, torch.Tensor]
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def isolate(t: torch.Tensor, ax: int, layout, path: Tuple[int, ...]) -> torch.Tensor:
+    """The ``(n, m)`` matrix of ``t`` whose rows are the units of the group leaf at ``path`` of axis ``ax``.
+
+    A product axis ``(a x b x ...)`` is reshaped row-major (part 0 most significant) and the leaf's
+    sub-axis isolated; a concat axis ``(q | k | v)`` is narrowed to the leaf's block. Every other
+    axis and sub-axis is flattened into the columns, in a fixed order (so two tensors of the same
+    layout give matrices whose columns correspond).
+    """
+    t = t.movedim(ax, 0)
+    size = t.shape[0]
+    t = t.reshape(1, size, 1, -1)
+    lay = layout
+    for i in path:
+        if lay.kind == "concat":
+            off = sum(p.size for p in lay.parts[:i])
+            t = t[:, off:off + lay.parts[i].size]
+        elif lay.kind == "product":
+            sizes = [p.size for p in lay.parts]
+            a, b = math.prod(sizes[:i]), math.prod(sizes[i + 1:])
+            pre, _, post, r = t.shape
+            t = t.reshape(pre * a, sizes[i], b * post, r)
+        else:  # pragma: no cover - a path only goes through structured layouts
+            raise ValueError(f"path {path} goes through a {lay.kind} layout")
+        lay = lay.parts[i]
+    return t.movedim(1, 0).reshape(t.shape[1], -1)
+
+
+def permute_axes(t: torch.Tensor, layouts, perms: Perms, skip=None) -> torch.Tensor:
+    """``t`` with every axis gathered by its layout under ``perms``; on axis ``skip[0]`` the group(s)
+    ``skip[1]`` (a name or a collection of names) are held at the identity (other sub-axes still move)."""
+    out = t
+    for ax, lay in enumerate(layouts):
+        if lay is None:
+            continue
+        if skip is not None and ax == skip[0]:
+            p = dict(perms)
+            for g in ([skip[1]] if isinstance(skip[1], str) else skip[1]):
+                p[g] = torch.arange(perms[g].numel(), device=perms[g].device)
+            idx = lay.index(p, device=t.device)
+        else:
+            idx = lay.index(perms, device=t.device)
+        out = out.index_select(ax, idx)
+    return out
+
+
+@dataclass
+class Occ:
+    """One place where a group acts: ``(key, axis, path)`` with A's isolated matrix."""
+
+    key: str
+    ax: int
+    path: Tuple[int, ...]
+    A: torch.Tensor
+    deps: Tuple[str, ...]  # groups whose permutation changes this occurrence's B matrix
+    cache: Optional[torch.Tensor] = None  # last A @ B^T
+    cache_versions: Optional[Tuple[int, ...]] = None
+
+
+@dataclass
+class Problem:
+    """Weight matching of B onto A over a spec, with cached per-occurrence costs."""
+
+    spec: object
+    A: Dict[str, torch.Tensor]
+    B: Dict[str, torch.Tensor]
+    occs: Dict[str, List[Occ]]
+    neighbours: Dict[str, Tuple[str, ...]]
+    self_coupled: Tuple[str, ...]
+    keys_of: Dict[str, Tuple[str, ...]]
+    dtype: torch.dtype
+    device: torch.device
+    versions: Dict[str, int] = field(default_factory=dict)
+    heads: Dict[str, List[Tuple[str, int, Tuple[int, ...], Optional[str]]]] = field(default_factory=dict)
+
+
+def matched_keys(spec, state: Mapping[str, torch.Tensor], param_names: Optional[Sequence[str]] = None) -> List[str]:
+    """Permuted floating-point keys entering the objective: parameters only (BatchNorm running statistics
+    and other buffers are not weights; they follow the permutation but do not vote)."""
+    names = set(param_names) if param_names is not None else None
+    out = []
+    for k in spec.permuted_keys():
+        v = state.get(k)
+        if v is None or not v.is_floating_point():
+            continue
+        if names is not None and k not in names:
+            continue
+        if names is None and k.rsplit(".", 1)[-1] in _BUFFER_SUFFIXES:
+            continue
+        out.append(k)
+    return out
+
+
+def build_problem(spec, state_a, state_b, *, keys: Sequence[str], dtype=torch.float32, device=None) -> Problem:
+    device = torch.device(device) if device is not None else next(iter(state_a.values())).device
+    A = {k: state_a[k].detach().to(device=device, dtype=dtype) for k in keys}
+    B = {k: state_b[k].detach().to(device=device, dtype=dtype) for k in keys}
+    occs: Dict[str, List[Occ]] = {g: [] for g in spec.groups}
+    keys_of: Dict[str, set] = {g: set() for g in spec.groups}
+    groups_in_key: Dict[str, List[str]] = {}
+    axes_of: Dict[Tuple[str, str], set] = {}  # (key, group) -> the axes the group acts on
+    for k in keys:
+        gs = []
+        for ax, lay in enumerate(spec.axes[k]):
+            if lay is not None:
+                for name, _ in lay.groups():
+                    gs.append(name)
+                    axes_of.setdefault((k, name), set()).add(ax)
+        groups_in_key[k] = gs
+    # a group acting on two axes of one tensor (recurrent W_hh) makes its cost depend on itself; several
+    # blocks of one concatenated axis (packed q|k|v) do not: each occurrence sees only its own block
+    self_coupled = {g for (k, g), axs in axes_of.items() if len(axs) > 1}
+    for k in keys:
+        for ax, lay in enumerate(spec.axes[k]):
+            if lay is None:
+                continue
+            for g, path in lay.groups():
+                others = [h for h in groups_in_key[k] if h != g]
+                if len(axes_of[(k, g)]) > 1:
+                    others = groups_in_key[k]
+                occs[g].append(Occ(k, ax, path, isolate(A[k], ax, lay, path).contiguous(),
+                                   tuple(sorted(set(others)))))
+                keys_of[g].add(k)
+    neighbours = {}
+    for g in spec.groups:
+        nb = set()
+        for k in keys_of[g]:
+            nb.update(groups_in_key[k])
+        if g not in self_coupled:
+            nb.discard(g)
+        neighbours[g] = tuple(sorted(nb))
+    return Problem(spec=spec, A=A, B=B, occs=occs, neighbours=neighbours, self_coupled=tuple(sorted(self_coupled)),
+                   keys_of={g: tuple(sorted(v)) for g, v in keys_of.items()}, dtype=dtype, device=device,
+                   versions={g: 0 for g in spec.groups}, heads=find_heads(spec, keys, self_coupled))
+
+
+def find_heads(spec, keys: Sequence[str], self_coupled=()) -> Dict[str, list]:
+    """Head groups: groups ``H`` acting only as part 0 of two-part products ``(H x D)`` (attention heads x
+    head dim), whose inner groups ``D`` act nowhere else. ``{H: [(key, axis, path to the product, D or
+    None for a fixed head dim)]}``; these are matched as blocks (:func:`head_block_step`)."""
+    where: Dict[str, list] = {}
+    for k in keys:
+        for ax, lay in enumerate(spec.axes[k]):
+            if lay is not None:
+                for g, path in lay.groups():
+                    where.setdefault(g, []).append((k, ax, path, lay))
+    heads = {}
+    for H, occs in where.items():
+        items, ok = [], H not in self_coupled
+        for k, ax, path, lay in occs:
+            if not ok or not path or path[-1] != 0:
+                ok = False
+                break
+            node = lay
+            for i in path[:-1]:
+                node = node.parts[i]
+            if node.kind != "product" or len(node.parts) != 2 or node.parts[1].kind not in ("group", "fixed"):
+                ok = False
+                break
+            items.append((k, ax, tuple(path[:-1]), node.parts[1].name if node.parts[1].kind == "group" else None))
+        inner = {d for *_, d in items if d is not None}
+        if not ok or not items or H in inner:
+            continue
+        if any(d in self_coupled or len(where[d]) != sum(1 for *_, x in items if x == d) for d in inner):
+            continue
+        heads[H] = items
+    return heads
+
+
+def head_block_step(prob: Problem, H: str, perms: Perms, method: str = "auto"):
+    """Block matching of head group ``H`` with its inner head-dim groups, all else fixed.
+
+    ``T_D[i, j, a, b] = sum <A[head i, unit a], B[head j, unit b]>`` per inner group ``D``; heads are
+    matched on ``V[i, j] = sum_D max_sigma sum_a T_D[i, j, a, sigma(a)]`` (the hierarchical
+    assignment: every head pair with its best inner matching), then each ``D`` is re-solved on the
+    matched heads. Returns ``(gain, {group: new perm})``; exact for the terms involving ``H`` and its
+    inner groups (no other term depends on them).
+    """
+    nH = prob.spec.groups[H]
+    T: Dict[str, torch.Tensor] = {}
+    V_fixed = torch.zeros(nH, nH, dtype=torch.float64, device=prob.device)
+    for k, ax, npath, D in prob.heads[H]:
+        lay = prob.spec.axes[k]
+        skip = (ax, (H,) if D is None else (H, D))
+        Bp = permute_axes(prob.B[k], lay, perms, skip=skip)
+        a = isolate(prob.A[k], ax, lay[ax], npath)
+        b = isolate(Bp, ax, lay[ax], npath)
+        d = a.shape[0] // nH
+        a, b = a.reshape(nH, d, -1), b.reshape(nH, d, -1)
+        if D is None:
+            V_fixed += torch.einsum("iam,jam->ij", a, b).double()
+        else:
+            t = torch.einsum("iam,jbm->ijab", a, b).double()
+            T[D] = T[D] + t if D in T else t
+    V = V_fixed.clone()
+    for D, t in T.items():
+        d = t.shape[-1]
+        res = linear_assignment(t.reshape(nH * nH, d, d), maximize=True, method=method)
+        V += torch.as_tensor(res.objective, dtype=torch.float64, device=V.device).reshape(nH, nH)
+    h = linear_assignment(V, maximize=True, method=method).col_ind.to(torch.long)
+    new = {H: h}
+    for D, t in T.items():
+        new[D] = linear_assignment(t[torch.arange(nH, device=t.device), h.to(t.device)].sum(0), maximize=True,
+                                   method=method).col_ind.to(torch.long)
+
+    def joint(p: Perms) -> float:
+        hh = p[H].to(V.device)
+        tot = float(V_fixed[torch.arange(nH, device=V.device), hh].sum())
+        for D, t in T.items():
+            blk = t[torch.arange(nH, device=t.device), hh].sum(0)
+            tot += float(blk.gather(1, p[D].to(t.device).view(-1, 1)).sum())
+        return tot
+
+    old = joint(perms)
+    cand = dict(perms)
+    cand.update({g: v.to(perms[g].device) for g, v in new.items()})
+    nv = joint(cand)
+    return nv - old, max(abs(old), abs(nv)), {g: cand[g] for g in new}
+
+
+def group_cost(prob: Problem, g: str, perms: Perms, use_cache: bool = True) -> torch.Tensor:
+    """``C_g = sum_(key, axis) mat(W_A) mat(pi_not_g(W_B))^T`` (n, n), cached per occurrence."""
+    n = prob.spec.groups[g]
+    C = torch.zeros(n, n, dtype=prob.dtype, device=prob.device)
+    for occ in prob.occs[g]:
+        ver = tuple(prob.versions[h] for h in occ.deps)
+        if use_cache and occ.cache is not None and occ.cache_versions == ver:
+            C += occ.cache
+            continue
+        lay = prob.spec.axes[occ.key]
+        Bp = permute_axes(prob.B[occ.key], lay, perms, skip=(occ.ax, g))
+        Bm = isolate(Bp, occ.ax, lay[occ.ax], occ.path)
+        c = occ.A @ Bm.T
+        if use_cache:
+            occ.cache, occ.cache_versions = c, ver
+        C += c
+    return C
+
+
+def objective(prob: Problem, perms: Perms, keys: Optional[Sequence[str]] = None) -> float:
+    """``sum_k <A_k, pi(B_k)>`` in float64 over the matched keys (or ``keys``)."""
+    tot = 0.0
+    for k in (prob.A if keys is None else keys):
+        Bp = permute_axes(prob.B[k], prob.spec.axes[k], perms)
+        tot += float((prob.A[k].double() * Bp.double()).sum())
+    return tot
+
+
+def color_classes(prob: Problem, order: Sequence[str]) -> List[List[str]]:
+    """Greedy colouring of the group graph (edge = the groups share a tensor): groups of one class are
+    independent, so their assignments can be solved in one batch."""
+    color: Dict[str, int] = {}
+    for g in order:
+        used = {color[h] for h in prob.neighbours[g] if h in color and h != g}
+        c = 0
+        while c in used:
+            c += 1
+        color[g] = c
+    classes: Dict[int, List[str]] = {}
+    for g in order:
+        classes.setdefault(color[g], []).append(g)
+    return [classes[c] for c in sorted(classes)]
+
+
+def solve_batch(costs: Dict[str, torch.Tensor], method: str = "auto", workers=None) -> Dict[str, torch.Tensor]:
+    """Maximising LAP of every cost, same-size problems stacked into one batched call."""
+    by_size: Dict[int, List[str]] = {}
+    for g, C in costs.items():
+        by_size.setdefault(C.shape[0], []).append(g)
+    out = {}
+    for n, gs in by_size.items():
+        stack = torch.stack([costs[g] for g in gs]).double()
+        res = linear_assignment(stack, maximize=True, method=method, workers=workers)
+        cols = res.col_ind
+        for i, g in enumerate(gs):
+            out[g] = cols[i].to(torch.long)
+    return out
+
+
+def value(C: torch.Tensor, perm: torch.Tensor) -> float:
+    return float(C.double().gather(1, perm.to(C.device).view(-1, 1)).sum())
