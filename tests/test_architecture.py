@@ -26,6 +26,11 @@ FORBIDDEN = {
 CLI_MODULES = {"weightspace.cli", "weightspace.__main__"}
 
 
+def _is_cli(mod: str) -> bool:
+    """The CLI is weightspace.cli, __main__ and its private parts weightspace._cli_* (merge, demo)."""
+    return mod in CLI_MODULES or mod.startswith("weightspace._cli_")
+
+
 def _module_name(path: Path, root: Path) -> Tuple[str, bool]:
     parts = list(path.relative_to(root).with_suffix("").parts)
     is_pkg = parts[-1] == "__init__"
@@ -79,9 +84,9 @@ def check_layout(root: Path, packages=PACKAGES) -> List[str]:
             if tpkg not in packages:
                 continue
             where = f"{mod}:{line}"
-            if tpkg in FORBIDDEN.get(pkg, ()) and mod not in CLI_MODULES:
+            if tpkg in FORBIDDEN.get(pkg, ()) and not _is_cli(mod):
                 problems.append(f"{where}: {pkg} must not import {target}")
-            if "weightspace.cli" in [target] + [f"{target}.{n}" for n in names] and mod not in CLI_MODULES:
+            if "weightspace.cli" in [target] + [f"{target}.{n}" for n in names] and not _is_cli(mod):
                 problems.append(f"{where}: nothing imports weightspace.cli")
             if tpkg != pkg:
                 private = [p for p in target.split(".") if _is_private(p)]
@@ -220,7 +225,7 @@ def _public_modules() -> List[str]:
         root = importlib.import_module(pkg)
         mods.append(pkg)
         for info in pkgutil.walk_packages(root.__path__, prefix=pkg + "."):
-            if not any(_is_private(p) for p in info.name.split(".")) and info.name not in CLI_MODULES:
+            if not any(_is_private(p) for p in info.name.split(".")) and not _is_cli(info.name):
                 mods.append(info.name)
     return mods
 
