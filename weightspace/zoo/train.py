@@ -73,7 +73,8 @@ def _check_targets(logits: torch.Tensor, y: Optional[torch.Tensor]) -> None:
 def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, optimizer: str = "adam",
           weight_decay: float = 0.0, momentum: float = 0.9, batch_size: int = 64, schedule: str = "constant",
           seed: int = 0, device: Any = "auto", eval_data: Any = None,
-          loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> TrainResult:
+          loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+          callback: Optional[Callable[[int, nn.Module], None]] = None) -> TrainResult:
     """Train ``model`` in place with cross-entropy; **the given model's parameters are updated**.
 
     Parameters
@@ -90,6 +91,8 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
         and moved back to its original device afterwards; its train/eval mode is restored too.
     eval_data : optional held-out data, evaluated after every epoch with :func:`evaluate`.
     loss_fn : optional ``loss_fn(logits, labels) -> scalar``; defaults to mean cross-entropy.
+    callback : optional ``callback(epoch, model)`` after every epoch (e.g. a neural-collapse or
+        information-plane tracker); it must not change the parameters. The model is on ``device``.
 
     Returns
     -------
@@ -173,6 +176,8 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
                 rec = EpochRecord(epoch, tot_loss / tot_n, tot_correct / tot_n, te_loss, te_acc)
                 history.append(rec)
                 log.debug("epoch %d: %s", epoch, rec)
+                if callback is not None:
+                    callback(epoch, model)
     finally:
         model.to(home)  # module_mode has restored every submodule's train/eval flag
     last = history[-1]
