@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -67,22 +66,10 @@ class Report:
         return "\n".join(parts)
 
     def write(self, path: Union[str, os.PathLike], overwrite: bool = False) -> Path:
-        """Write the report atomically; refuse to replace an existing file unless ``overwrite``."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
-        text = self.to_html()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is an ordinary file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        """Write the report atomically (temp file + ``os.replace``) after the toolkit's one output rule
+        (:func:`weightspace.io.check_output_path`): an existing file is replaced only with
+        ``overwrite``, and a missing directory is not created but named in the error."""
+        from weightspace.io import atomic_write, check_output_path
+
+        check_output_path(path, overwrite=overwrite, flag="overwrite=True (or --overwrite)")
+        return atomic_write(path, self.to_html(), overwrite=overwrite, flag="overwrite=True (or --overwrite)")
