@@ -157,6 +157,11 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
     """
     _check_perms(spec, perms)
     if isinstance(obj, torch.nn.Module):
+        own = {k for k, _ in obj.named_parameters(remove_duplicate=False)} | {k for k, _ in obj.named_buffers(remove_duplicate=False)}
+        unknown = [k for k in spec.axes if k not in own]
+        if unknown:
+            raise SpecError(f"the spec permutes keys the module does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; "
+                            f"was it made for another architecture (or for a wrapper, with a key prefix)?")
         new = copy.deepcopy(obj)
         done = set()
         with torch.no_grad():
