@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from weightspace._utils import iter_batches, module_mode
+from weightspace.checks import check_data, check_model
 
 log = logging.getLogger(__name__)
 
@@ -451,6 +452,8 @@ def neural_collapse_of(model: nn.Module, data: Any, layer: str = "auto", *, at: 
     **options
         Passed on to :func:`neural_collapse` (``global_mean``, ``nc4_bias``, ``num_classes``, ...).
     """
+    model = check_model(model, where="analysis.neural_collapse_of")
+    check_data(data, where="analysis.neural_collapse_of")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     name = _last_linear(model, data) if layer == "auto" else layer

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from weightspace import state as _eval
+from weightspace.checks import check_data, check_module
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,9 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data: Any, alphas: Union
     >>> curve = analysis.interpolate(model_a, model_b, (X, Y), alphas=11)   # doctest: +SKIP
     >>> curve.barrier("loss", kind="chord").value                          # doctest: +SKIP
     """
+    check_module(model_a, "model_a", where="analysis.interpolate")
+    check_module(model_b, "model_b", where="analysis.interpolate", allow_state=True)
+    check_data(data, where="analysis.interpolate")
     sa, sb = _endpoints(model_a, model_b)
     grid, added = _alpha_grid(alphas)
     coeffs = np.stack([1.0 - grid, grid], axis=1)
@@ -463,6 +467,9 @@ def layerwise_barriers(model_a: nn.Module, model_b: nn.Module, data: Any,
     examples, not means of batch means — two pitfalls of the reference implementation (REFERENCES §4.2).
     With every key in one group and ``alpha = 1/2`` the value equals the full-model midpoint barrier.
     """
+    check_module(model_a, "model_a", where="analysis.layerwise_barriers")
+    check_module(model_b, "model_b", where="analysis.layerwise_barriers", allow_state=True)
+    check_data(data, where="analysis.layerwise_barriers")
     sa, sb = _endpoints(model_a, model_b)
     if not (isinstance(alpha, (int, float)) and np.isfinite(alpha)):
         raise ValueError(f"alpha must be a finite float, got {alpha!r}")

@@ -29,6 +29,7 @@ from torch.func import functional_call
 from weightspace import state as _eval
 from analysis.connectivity import InterpolationCurve, _fn_name, _jsonable, _metric_names
 from weightspace._utils import shuffled_batches
+from weightspace.checks import check_data, check_module
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,9 @@ def train_curve(model_a: nn.Module, model_b: nn.Module, data: Any, kind: str = "
     -------
     ModeCurve
     """
+    check_module(model_a, "model_a", where="analysis.train_curve")
+    check_module(model_b, "model_b", where="analysis.train_curve", allow_state=True)
+    check_data(data, where="analysis.train_curve")
     if kind not in _CURVES:
         raise ValueError(f"unknown curve kind {kind!r}; use one of {_CURVES}")
     if not isinstance(bends, (int, np.integer)) or bends < 1:
@@ -374,6 +378,11 @@ def plane(w0, w1, w2, data: Any, grid: Union[int, Tuple[int, int]] = 21,
     ------
     ValueError — if ``w2 == w0`` (dx = 0) or ``w1`` lies on the line through ``w0`` and ``w2`` (dy = 0).
     """
+    for _w, _nm in ((w0, "w0"), (w1, "w1"), (w2, "w2")):
+        check_module(_w, _nm, where="analysis.plane", allow_state=True)
+    if model is not None:
+        check_module(model, where="analysis.plane")
+    check_data(data, where="analysis.plane")
     ref = model if model is not None else next((w for w in (w0, w1, w2) if isinstance(w, nn.Module)), None)
     if ref is None:
         raise TypeError("w0, w1, w2 are all state dicts: pass model= (an nn.Module of that architecture)")

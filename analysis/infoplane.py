@@ -41,6 +41,7 @@ from torch import nn
 
 from analysis import _mi
 from analysis.collapse import _capture
+from weightspace.checks import check_data, check_model
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,8 @@ def information_plane(model: nn.Module, data: Any, layers: Optional[Sequence[str
     **options
         Estimator hyperparameters (recorded in the result).
     """
+    model = check_model(model, where="analysis.information_plane")
+    check_data(data, where="analysis.information_plane")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if estimator == "binning":

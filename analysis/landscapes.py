@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from weightspace import state as _eval
+from weightspace.checks import check_data, check_model, check_module
 from analysis.connectivity import _fn_name, _jsonable, _metric_names
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def random_directions(model: nn.Module, n: int = 2, norm: str = "filter", ignore
     (moving along it scales the tensor by ``1 + a``, as in the paper's code) and stay Gaussian under
     ``"none"``. BatchNorm running statistics are buffers, not parameters: directions never move them.
     """
+    model = check_model(model, where="analysis.random_directions")
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
     if ignore not in ("biasbn", None):
@@ -322,6 +324,8 @@ def landscape(model: nn.Module, data: Any, *, directions: Union[str, Sequence[Ma
     -------
     Landscape
     """
+    model = check_module(model, where="analysis.landscape")
+    check_data(data, where="analysis.landscape")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     params = _param_dict(model)

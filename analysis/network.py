@@ -60,6 +60,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from weightspace.checks import check_inputs, check_model
+
 log = logging.getLogger(__name__)
 
 __all__ = ["network_metrics", "NetworkMetrics"]
@@ -207,6 +209,11 @@ def network_metrics(
     -------
     NetworkMetrics
     """
+    if type(model_or_graph).__name__ != "NeuralGraph":
+        check_model(model_or_graph, "model_or_graph", where="analysis.network_metrics",
+                    expected="a torch.nn.Module or a weightspace.NeuralGraph")
+        if example_inputs is not None:
+            check_inputs(example_inputs, where="analysis.network_metrics")
     g = _as_graph(model_or_graph, example_inputs)
     if weight not in _WEIGHTS:
         raise ValueError(f"weight must be one of {_WEIGHTS}, got {weight!r}")

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weightspace._utils import iter_batches, module_mode
+from weightspace.checks import check_data, check_inputs, check_model
 
 from ._pathnorm_recipe import UnsupportedOperationError, _run_ones, _safe_exp
 
@@ -162,6 +163,8 @@ def path_norm(model: nn.Module, example_inputs, q: float = 1, *, device=None) ->
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
     >>> pn = analysis.path_norm(net, torch.zeros(1, 2), q=2)   # doctest: +SKIP
     """
+    model = check_model(model, where="analysis.path_norm")
+    check_inputs(example_inputs, where="analysis.path_norm")
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or q < 1:
         raise ValueError(f"q must be a finite number >= 1, got {q!r} (q = inf is not implemented)")
     run = _run_ones(model, example_inputs, q, device)
@@ -238,6 +241,10 @@ def path_norm_bound(model: nn.Module, example_inputs, data, *, loss: str = "marg
         Inputs with a batch dimension (their per-sample shape gives ``d_in``); None uses the first
         batch of ``data``.
     """
+    model = check_model(model, where="analysis.path_norm_bound")
+    if example_inputs is not None:
+        check_inputs(example_inputs, where="analysis.path_norm_bound")
+    check_data(data, where="analysis.path_norm_bound")
     if loss not in ("margin", "cross_entropy"):
         raise ValueError(f"loss must be 'margin' or 'cross_entropy', got {loss!r}")
     if not 0.0 <= t <= 1.0:

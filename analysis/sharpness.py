@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from weightspace._utils import iter_batches, module_mode
+from weightspace.checks import check_data, check_model
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,8 @@ def hessian_eigenvalues(model: nn.Module, data, k: int = 1, loss_fn: Optional[Ca
     >>> X, Y = torch.randn(20, 3), torch.randn(20, 1)
     >>> analysis.hessian_eigenvalues(net, (X, Y), k=2).eigenvalues   # doctest: +SKIP
     """
+    model = check_model(model, where="analysis.hessian_eigenvalues")
+    check_data(data, where="analysis.hessian_eigenvalues")
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     if which not in ("LA", "LM", "SA"):
@@ -345,6 +348,8 @@ def hessian_trace(model: nn.Module, data, n_samples: int = 100, seed: int = 0, l
     ``torch.Generator`` seeded with ``seed``. Same ``data``/``loss_fn``/``mode`` conventions as
     :func:`hessian_eigenvalues`.
     """
+    model = check_model(model, where="analysis.hessian_trace")
+    check_data(data, where="analysis.hessian_trace")
     if not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}")
     with _mode(model, mode):

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from weightspace._ops import _IGNORE, _flatten, _op_name, traced_run
 from weightspace._utils import iter_batches, model_device, module_mode
+from weightspace.checks import check_data, check_model
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,7 @@ def spectral_metrics(model: nn.Module, min_size: int = 10, *, fit: bool = True, 
     SpectralMetrics
         One :class:`LayerSpectrum` per weight matrix (``as_dicts()`` gives plain dicts).
     """
+    model = check_model(model, where="analysis.spectral_metrics")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if min_size < 1:
@@ -456,6 +458,11 @@ def norm_measures(model: nn.Module, data=None, *, init_model: Optional[nn.Module
         Also compute ``||Phi||_2^2`` with :func:`analysis.path_norm` (needs ``data`` for the input
         shape; skipped with the reason in ``settings`` for unsupported models).
     """
+    model = check_model(model, where="analysis.norm_measures")
+    if init_model is not None:
+        check_model(init_model, "init_model", where="analysis.norm_measures")
+    if data is not None:
+        check_data(data, where="analysis.norm_measures")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not 0.0 <= margin_quantile <= 1.0:

@@ -38,6 +38,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from weightspace._utils import iter_batches, resolve_device
+from weightspace.checks import check_data, check_module
+from weightspace.checks import check_finite as _check_finite
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +129,9 @@ def check_compatible(a: Mapping, b: Mapping, names: Tuple[str, str] = ("model_a"
 
 
 def check_finite(state: Mapping, name: str = "model") -> None:
-    """Raise ``ValueError`` naming the first floating tensor of ``state`` holding NaN or inf."""
-    for k, v in state.items():
-        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name}[{k!r}] contains NaN or inf; evaluate a finite model")
+    """Raise :class:`weightspace.checks.NonFiniteError` (a ``ValueError``) naming the first floating
+    tensor of ``state`` holding NaN or inf (see :func:`weightspace.checks.check_finite`)."""
+    _check_finite(state, name)
 
 
 def combine(bases: Sequence[Mapping], coeffs: Sequence[float]) -> State:
@@ -577,6 +578,8 @@ def recalibrate_bn(model: nn.Module, data: Any, state: Optional[Mapping] = None,
     -------
     dict — ``state`` with new BN buffers (other entries shared, not copied).
     """
+    check_module(model, where="state.recalibrate_bn")
+    check_data(data, where="state.recalibrate_bn")
     ev = _Evaluator(model, device=device)
     st = ev._to(state_of(model) if state is None else as_state(state, model))
     return ev.recalibrate(st, _reiterable(data), num_batches)
@@ -588,6 +591,8 @@ def evaluate(model: nn.Module, data: Any, state: Optional[Mapping] = None, *, me
 
     Returns ``{metric: float}`` — example-weighted means (sums over batches / number of examples).
     """
+    check_module(model, where="state.evaluate")
+    check_data(data, where="state.evaluate")
     if isinstance(data, Mapping):
         raise TypeError("evaluate takes one dataset; use evaluate_states for a dict of splits")
     ev = _Evaluator(model, metrics=metrics, loss_fn=loss_fn, device=device)
@@ -608,6 +613,8 @@ def evaluate_states(model: nn.Module, states: Sequence[Mapping], data: Any, *, s
     to the loop, with a log warning, when the model cannot be vmapped. ``progress(done, total)`` is
     called after each group of points.
     """
+    check_module(model, where="state.evaluate_states")
+    check_data(data, where="state.evaluate_states")
     ev = _Evaluator(model, metrics=metrics, loss_fn=loss_fn, device=device)
     sts = [as_state(s, model, f"states[{i}]") for i, s in enumerate(states)]
     rec = resolve_recalibration(recalibrate_bn, model)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weightspace._utils import iter_batches, model_device, resolve_device, shuffled_batches
+from weightspace.checks import check_data, check_module
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
     -------
     TrainResult
     """
+    model = check_module(model, where="zoo.train")
+    check_data(data, where="zoo.train")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if int(epochs) < 1:
@@ -202,6 +205,8 @@ def evaluate(model: nn.Module, data: Any, *, device: Any = None, batch_size: int
     Batches go to ``device`` (default: the model's device); the model itself is never moved, and
     its train/eval mode (per submodule) is restored on exit.
     """
+    model = check_module(model, where="zoo.evaluate")
+    check_data(data, where="zoo.evaluate")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     dev = model_device(model) if device is None else resolve_device(device)
