@@ -3,7 +3,7 @@
 Every metric that the literature defines in several ways takes the variant as an explicit option and
 records it (with its settings) in the result it returns. No function mutates the user's model.
 """
-from weightspace._lazy import lazy_dir, lazy_getattr
+from weightspace.lazy import lazy_dir, lazy_getattr
 
 _EXPORTS = {
     # connectivity

@@ -17,11 +17,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from weightspace._ops import _DUNDER_BASE as _DUNDER
-from weightspace._ops import _arg, _flatten, _op_name, traced_run
+from weightspace.tracing import DUNDER_BASE as _DUNDER
+from weightspace.tracing import TracingMode, arg, flatten_tensors, traced_run
 
 
 class UnsupportedOperationError(ValueError):
@@ -160,7 +159,7 @@ def _renorm(t: torch.Tensor, s: float) -> Tuple[torch.Tensor, float]:
     return t, s
 
 
-class _Recipe(TorchFunctionMode):
+class _Recipe(TracingMode):
     """Runs a float64 copy of the model on all-ones inputs and applies the path-norm recipe to every op.
 
     An *activation* is a tensor that depends on the model's inputs; the mode records for each one its
@@ -169,6 +168,8 @@ class _Recipe(TorchFunctionMode):
     computed normally. An op touching an activation must have a rule below, else
     :class:`UnsupportedOperationError` names it and the module it ran in.
     """
+
+    ignore = frozenset(_IGNORE)  # no ``item``/``tolist``: reading an activation's value is unsupported
 
     def __init__(self, q: float, param_ids: set, modules: Dict[str, nn.Module]):
         super().__init__()
@@ -228,12 +229,8 @@ class _Recipe(TorchFunctionMode):
         return self.reg(*_renorm(out, c), d + depth_inc)
 
     # -- dispatch -----------------------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = _op_name(func)
-        if name in _IGNORE:
-            return func(*args, **kwargs)
-        acts = [t for t in _flatten((args, kwargs)) if self.is_act(t)]
+    def handle(self, name, func, args, kwargs):
+        acts = [t for t in flatten_tensors((args, kwargs)) if self.is_act(t)]
         if not acts or name in _NEW:
             return func(*args, **kwargs)
         raw = getattr(func, "__name__", "")
@@ -287,7 +284,7 @@ class _Recipe(TorchFunctionMode):
         if not self.is_act(x):
             return func(*args, **kwargs)  # e.g. const.type_as(activation)
         if name in ("clamp", "clamp_min", "clip"):  # clamp(min=0) is a ReLU; anything else is not
-            lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+            lo, hi = arg(args, kwargs, 1, "min"), arg(args, kwargs, 2, "max")
             if torch.is_tensor(lo) or lo != 0 or hi is not None:
                 raise self.unsupported(f"{name!r} other than clamp(min=0)")
         if name == "type" and len(args) == 1 and not kwargs:
@@ -302,7 +299,7 @@ class _Recipe(TorchFunctionMode):
 
     def _structural(self, name, func, args, kwargs):
         x = args[0]
-        others = [t for t in _flatten((args[1:], kwargs)) if self.is_act(t)]
+        others = [t for t in flatten_tensors((args[1:], kwargs)) if self.is_act(t)]
         if not self.is_act(x):
             if name in _AS:
                 return func(*args, **kwargs)
@@ -310,18 +307,18 @@ class _Recipe(TorchFunctionMode):
         if others and name not in _AS:
             raise self.unsupported(f"{name!r} with an index or argument that depends on the input")
         if name == "pad":
-            mode, value = _arg(args, kwargs, 2, "mode", "constant"), _arg(args, kwargs, 3, "value", None)
+            mode, value = arg(args, kwargs, 2, "mode", "constant"), arg(args, kwargs, 3, "value", None)
             if mode == "constant" and value not in (None, 0, 0.0):
                 raise self.unsupported(f"'pad' with the constant value {value} (a constant neuron, not a parameter)")
         out = func(*args, **kwargs)
         rec = self.acts[x]
-        for t in _flatten(out):
+        for t in flatten_tensors(out):
             self.reg(t, *rec)
         return out
 
     def _add(self, name, raw, args, kwargs):
         a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
-        alpha = self.pw(_arg(args, kwargs, 2, "alpha", 1))
+        alpha = self.pw(arg(args, kwargs, 2, "alpha", 1))
         wa, wb = (alpha, 1.0) if name == "rsub" else (1.0, alpha)  # signs drop out: |-1|^q = 1
         terms = [(a, wa), (b, wb)]
         scales = [self.acts[t][0] for t, _ in terms if self.is_act(t)]
@@ -358,8 +355,8 @@ class _Recipe(TorchFunctionMode):
         x = args[0] if args else kwargs["input"]
         if not self.is_act(x):
             raise self.unsupported("'linear' whose weight depends on the input")
-        W = self.weight(_arg(args, kwargs, 1, "weight"), "'linear'")
-        b = self.weight(_arg(args, kwargs, 2, "bias"), "'linear'")
+        W = self.weight(arg(args, kwargs, 1, "weight"), "'linear'")
+        b = self.weight(arg(args, kwargs, 2, "bias"), "'linear'")
         self.counts["linear"] += 1
         return self.affine(x, lambda t: F.linear(t, W), b)
 
@@ -367,8 +364,8 @@ class _Recipe(TorchFunctionMode):
         x = args[0] if args else kwargs["input"]
         if not self.is_act(x):
             raise self.unsupported(f"{name!r} whose weight depends on the input")
-        W = self.weight(_arg(args, kwargs, 1, "weight"), repr(name))
-        b = self.weight(_arg(args, kwargs, 2, "bias"), repr(name))
+        W = self.weight(arg(args, kwargs, 1, "weight"), repr(name))
+        b = self.weight(arg(args, kwargs, 2, "bias"), repr(name))
         rest = list(args[3:])
         kw = {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
         self.counts["conv"] += 1
@@ -406,9 +403,9 @@ class _Recipe(TorchFunctionMode):
 
     def _batch_norm(self, args, kwargs):
         x = args[0] if args else kwargs["input"]
-        mu, var = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
-        gamma, beta = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
-        training, eps = _arg(args, kwargs, 5, "training", False), _arg(args, kwargs, 7, "eps", 1e-5)
+        mu, var = arg(args, kwargs, 1, "running_mean"), arg(args, kwargs, 2, "running_var")
+        gamma, beta = arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
+        training, eps = arg(args, kwargs, 5, "training", False), arg(args, kwargs, 7, "eps", 1e-5)
         if training or mu is None or var is None:
             raise UnsupportedOperationError(
                 f"path_norm: BatchNorm in module {self.where()} normalises with batch statistics "
@@ -429,9 +426,9 @@ class _Recipe(TorchFunctionMode):
         s, d = self.acts[x]
         dims = 1 if name.endswith("1d") else 2
         if name.startswith("adaptive"):
-            out_size, kind = _arg(args, kwargs, 1, "output_size"), "max" if "max" in name else "avg"
+            out_size, kind = arg(args, kwargs, 1, "output_size"), "max" if "max" in name else "avg"
             if kind == "max":
-                if _arg(args, kwargs, 2, "return_indices", False):
+                if arg(args, kwargs, 2, "return_indices", False):
                     raise self.unsupported("adaptive max-pool with return_indices=True")
                 self.counts["maxpool_to_sumpool"] += 1
             else:
@@ -440,28 +437,28 @@ class _Recipe(TorchFunctionMode):
             if kind == "max":
                 self.K, _ = max(self.K, int(n.max())), self.pool_types.add("max")
             return self.reg(*_renorm(t, s), d)
-        kernel = _arg(args, kwargs, 1, "kernel_size")
-        stride = _arg(args, kwargs, 2, "stride")
-        padding = _arg(args, kwargs, 3, "padding", 0)
+        kernel = arg(args, kwargs, 1, "kernel_size")
+        stride = arg(args, kwargs, 2, "stride")
+        padding = arg(args, kwargs, 3, "padding", 0)
         if name.startswith("max"):
-            dilation, ceil = _arg(args, kwargs, 4, "dilation", 1), _arg(args, kwargs, 5, "ceil_mode", False)
-            if _arg(args, kwargs, 6, "return_indices", False):
+            dilation, ceil = arg(args, kwargs, 4, "dilation", 1), arg(args, kwargs, 5, "ceil_mode", False)
+            if arg(args, kwargs, 6, "return_indices", False):
                 raise self.unsupported("max-pool with return_indices=True")
             self.counts["maxpool_to_sumpool"] += 1
             self.K = max(self.K, math.prod(_tuple(kernel, dims)))
             self.pool_types.add("max")
             t = _max_pool(x, kernel, stride, padding, dilation, ceil, dims, self)
         else:
-            ceil, cip = _arg(args, kwargs, 4, "ceil_mode", False), _arg(args, kwargs, 5, "count_include_pad", True)
-            div = _arg(args, kwargs, 6, "divisor_override") if dims == 2 else None
+            ceil, cip = arg(args, kwargs, 4, "ceil_mode", False), arg(args, kwargs, 5, "count_include_pad", True)
+            div = arg(args, kwargs, 6, "divisor_override") if dims == 2 else None
             self.counts["avgpool_corrected"] += 1
             t = _avg_pool(x, kernel, stride, padding, ceil, cip, div, dims, self.q)
         return self.reg(*_renorm(t, s), d)
 
     def _reduce(self, name, args, kwargs):
         x = args[0] if args else kwargs["input"]
-        dims = _arg(args, kwargs, 1, "dim")
-        keep = _arg(args, kwargs, 2, "keepdim", False)
+        dims = arg(args, kwargs, 1, "dim")
+        keep = arg(args, kwargs, 2, "keepdim", False)
         if not self.is_act(x):
             raise self.unsupported(f"{name!r} on a constant")
         if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
@@ -490,7 +487,7 @@ class _Recipe(TorchFunctionMode):
 
     def _setitem(self, args):
         target, idx, value = args
-        if any(self.is_act(t) for t in _flatten(idx)):
+        if any(self.is_act(t) for t in flatten_tensors(idx)):
             raise self.unsupported("'setitem' with an input-dependent index")
         if self.is_act(target):
             s, d = self.acts[target]
@@ -591,7 +588,7 @@ def _run_ones(model: nn.Module, example_inputs, q: float, device=None) -> _Run:
             "Check example_inputs (only their per-sample shapes are used); the model must run in eval mode "
             "in float64 on a batch of one sample.") from exc
     leaves, seen = [], set()
-    for t in _flatten(out):
+    for t in flatten_tensors(out):
         if rec.is_act(t) and id(t) not in seen:
             seen.add(id(t))
             leaves.append((t, rec.acts[t][0]))

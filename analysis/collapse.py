@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightspace._utils import iter_batches, module_mode
 from weightspace.checks import check_data, check_model
+from weightspace.utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
 

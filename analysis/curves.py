@@ -28,8 +28,8 @@ from torch.func import functional_call
 
 from weightspace import state as _eval
 from analysis.connectivity import InterpolationCurve, _fn_name, _jsonable, _metric_names
-from weightspace._utils import shuffled_batches
 from weightspace.checks import check_data, check_module
+from weightspace.utils import shuffled_batches
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ What this implementation does differently from the published toolkit (REFERENCES
   taken; border windows with ``count_include_pad=False`` use their own divisor.
 * No graph is traced and the user's model is only read: a float64 deep copy runs once, eagerly, in
   eval mode on an all-ones input under a :class:`torch.overrides.TorchFunctionMode` (like the
-  toolkit's symmetry tracer ``weightspace._trace``) that applies the recipe to each torch call as it
+  toolkit's symmetry tracer ``weightspace.symmetry._trace``) that applies the recipe to each torch call as it
   happens, so Python control flow on shapes and flags just runs (``torch.fx`` cannot trace it).
   Activations are kept in a log-scaled form (value = tensor * exp(scale)), rescaled after every
   linear layer, so that networks whose path-norm overflows float32 (or even float64) still get an
@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weightspace._utils import iter_batches, module_mode
 from weightspace.checks import check_data, check_inputs, check_model
+from weightspace.utils import iter_batches, module_mode
 
 from ._pathnorm_recipe import UnsupportedOperationError, _run_ones, _safe_exp
 

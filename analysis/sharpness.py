@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from weightspace._utils import iter_batches, module_mode
 from weightspace.checks import check_data, check_model
+from weightspace.utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
-from weightspace._ops import _IGNORE, _flatten, _op_name, traced_run
-from weightspace._utils import iter_batches, model_device, module_mode
 from weightspace.checks import check_data, check_model
+from weightspace.tracing import TracingMode, flatten_tensors, traced_run
+from weightspace.utils import iter_batches, model_device, module_mode
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +333,7 @@ class NormMeasures:
         return d
 
 
-class _BNPairs(TorchFunctionMode):
+class _BNPairs(TracingMode):
     """Records, during one eager run, which Linear/Conv output each BatchNorm normalises and how
     often every tensor is consumed (a layer folds only when the BatchNorm is its sole consumer)."""
 
@@ -346,16 +345,12 @@ class _BNPairs(TorchFunctionMode):
         self.pairs: List[Tuple[int, str, str]] = []  # (id of the normalised tensor, layer, bn)
         self._keep: List[torch.Tensor] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def handle(self, name, func, args, kwargs):  # shape queries (IGNORE) never get here: not consumers
         out = func(*args, **kwargs)
-        name = _op_name(func)
-        if name in _IGNORE:  # shape queries are not consumers
-            return out
-        for t in _flatten((args, kwargs, out)):
+        for t in flatten_tensors((args, kwargs, out)):
             if torch.is_tensor(t):
                 self._keep.append(t)  # alive for the whole run, so no id is reused by a later tensor
-        for t in _flatten((args, kwargs)):
+        for t in flatten_tensors((args, kwargs)):
             if torch.is_tensor(t):
                 self.uses[id(t)] = self.uses.get(id(t), 0) + 1
         here = self.stack[-1] if self.stack else ""

@@ -3,7 +3,7 @@
 ``merging.solvers`` holds the matching solvers (linear assignment, Sinkhorn, exact OT), batched and
 device-agnostic.
 """
-from weightspace._lazy import lazy_dir, lazy_getattr
+from weightspace.lazy import lazy_dir, lazy_getattr
 
 _EXPORTS = {
     "solvers": "merging.solvers",

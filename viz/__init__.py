@@ -3,7 +3,7 @@
 >>> import viz                                                            # doctest: +SKIP
 >>> viz.Report("LMC").add(viz.barrier_figure(curve)).write("report.html")  # offline, self-contained
 """
-from weightspace._lazy import lazy_dir, lazy_getattr
+from weightspace.lazy import lazy_dir, lazy_getattr
 
 _EXPORTS = {
     "Report": "viz._report",

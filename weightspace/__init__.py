@@ -8,7 +8,7 @@ reference models and embedded data (scikit-learn digits), and reads and writes c
 >>> spec = ws.permutation_spec(model, example_inputs)         # doctest: +SKIP
 >>> model_p = ws.permute(model, spec, ws.random_permutation(spec, seed=0))  # doctest: +SKIP
 """
-from weightspace._lazy import lazy_dir, lazy_getattr
+from weightspace.lazy import lazy_dir, lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -28,8 +28,8 @@ _EXPORTS = {
     # neural computational graph
     "NeuralGraph": "weightspace.graph",
     # devices and data plumbing
-    "resolve_device": "weightspace._utils",
-    "iter_batches": "weightspace._utils",
+    "resolve_device": "weightspace.utils",
+    "iter_batches": "weightspace.utils",
     # subpackages / modules
     "zoo": "weightspace.zoo",
     "io": "weightspace.io",

@@ -35,8 +35,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from weightspace._utils import iter_batches, model_device, resolve_device
 from weightspace.checks import NonFiniteError, check_data, check_model, check_module
+from weightspace.utils import iter_batches, model_device, resolve_device
 
 log = logging.getLogger(__name__)
 

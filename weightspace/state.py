@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from weightspace._utils import iter_batches, resolve_device
 from weightspace.checks import check_data, check_module
 from weightspace.checks import check_finite as _check_finite
+from weightspace.utils import iter_batches, resolve_device
 
 log = logging.getLogger(__name__)
 

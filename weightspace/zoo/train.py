@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weightspace._utils import iter_batches, model_device, resolve_device, shuffled_batches
 from weightspace.checks import check_data, check_module
+from weightspace.utils import iter_batches, model_device, resolve_device, shuffled_batches
 
 log = logging.getLogger(__name__)
 

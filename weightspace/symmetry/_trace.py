@@ -26,28 +26,14 @@ about hand-written specs of Git Re-Basin (Ainsworth et al. 2023) and ZipIt! (Sto
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from weightspace._dims import _UF
-from weightspace._ops import (
-    _BINARY,
-    _IGNORE,
-    _NEUTRAL_LIKE,
-    _NEUTRAL_NEW,
-    _POOL,
-    _REDUCE,
-    _RESHAPE,
-    _UNARY,
-    _Unsupported,
-    _flatten,
-    _op_name,
-    traced_run,
-)
-from weightspace._rules import (
+from weightspace.symmetry._dims import _UF
+from weightspace.tracing import TracingMode, Unsupported, flatten_tensors, tensor_keys, traced_run
+from weightspace.symmetry._rules import (
     _argreduce,
     _cat,
     _elementwise,
@@ -67,7 +53,7 @@ from weightspace._rules import (
     _stack,
     _unary,
 )
-from weightspace._rules_layers import (
+from weightspace.symmetry._rules_layers import (
     _addmm,
     _batch_norm,
     _conv,
@@ -85,19 +71,95 @@ from weightspace._rules_layers import (
     _rnn,
     _sdpa,
 )
-from weightspace._spec import Axis, PermutationSpec
+from weightspace.symmetry._spec import Axis, PermutationSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = ["trace_dims", "TraceError", "DimTrace"]
 
 
+_RULES = {
+    "linear": _linear,
+    "matmul": _matmul,
+    "rmatmul": _matmul,
+    "mm": _matmul,
+    "bmm": _matmul,
+    "mv": _matmul,
+    "dot": _matmul,
+    "addmm": _addmm,
+    "baddbmm": _addmm,
+    "addbmm": _addmm,
+    "addmv": _addmm,
+    "einsum": _einsum,
+    "conv1d": _conv,
+    "conv2d": _conv,
+    "conv3d": _conv,
+    "conv_transpose1d": _conv,
+    "conv_transpose2d": _conv,
+    "conv_transpose3d": _conv,
+    "softmax": _softmax,
+    "log_softmax": _softmax,
+    "layer_norm": _layer_norm,
+    "rms_norm": _layer_norm,
+    "batch_norm": _batch_norm,
+    "instance_norm": _batch_norm,
+    "group_norm": _group_norm,
+    "normalize": _normalize,
+    "embedding": _embedding,
+    "permute": _permute,
+    "transpose": _permute,
+    "swapaxes": _permute,
+    "swapdims": _permute,
+    "t": _permute,
+    "prop:T": _permute,
+    "prop:mT": _permute,
+    "movedim": _permute,
+    "moveaxis": _permute,
+    "expand": _expand,
+    "expand_as": _expand,
+    "broadcast_to": _expand,
+    "repeat": _repeat,
+    "tile": _repeat,
+    "repeat_interleave": _repeat_interleave,
+    "cat": _cat,
+    "concat": _cat,
+    "concatenate": _cat,
+    "stack": _stack,
+    "split": _split,
+    "chunk": _split,
+    "tensor_split": _split,
+    "split_with_sizes": _split,
+    "unbind": _split,
+    "getitem": _getitem,
+    "narrow": _positional,
+    "select": _positional,
+    "max": _maxmin,
+    "min": _maxmin,
+    "argmax": _argreduce,
+    "argmin": _argreduce,
+    "scaled_dot_product_attention": _sdpa,
+    "multi_head_attention_forward": _mha,
+    "interpolate": _interpolate,
+    "upsample": _interpolate,
+    "pad": _pad,
+    "prop:data": _identity_like,
+    "lstm": _rnn,
+    "gru": _rnn,
+    "rnn_tanh": _rnn,
+    "rnn_relu": _rnn,
+}
+
+
 class TraceError(RuntimeError):
     """The model could not be run or followed on the example inputs."""
 
 
-class DimTrace(TorchFunctionMode):
+class DimTrace(TracingMode):
     """Follows dimensions through a forward run (see the module docstring)."""
+
+    rules = _RULES
+    category_rules = {"unary": _unary, "binary": _elementwise, "reduce": _reduce, "pool": _pool,
+                      "reshape": _reshape, "neutral": _neutral}
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,9 +190,9 @@ class DimTrace(TorchFunctionMode):
 
     def set_out(self, t: Any, ns: List[int]) -> None:
         if not torch.is_tensor(t):
-            raise _Unsupported("output is not a tensor")
+            raise Unsupported("output is not a tensor")
         if len(ns) != t.dim() or any(self.uf.size[n] != s for n, s in zip(ns, t.shape)):
-            raise _Unsupported(f"rule produced {len(ns)} dims for an output of shape {tuple(t.shape)}")
+            raise Unsupported(f"rule produced {len(ns)} dims for an output of shape {tuple(t.shape)}")
         self.nodes[id(t)] = list(ns)
         self._keep.append(t)
 
@@ -146,36 +208,19 @@ class DimTrace(TorchFunctionMode):
                 self.visited.add(id(t))
 
     # -- dispatch -------------------------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def handle(self, name, func, args, kwargs):
         out = func(*args, **kwargs)
-        name = _op_name(func)
-        if name in _IGNORE:
-            return out
-        tensors_in = [a for a in _flatten((args, kwargs)) if torch.is_tensor(a)]
-        tensors_out = [o for o in _flatten(out) if torch.is_tensor(o)]
+        tensors_in = [a for a in flatten_tensors((args, kwargs)) if torch.is_tensor(a)]
+        tensors_out = [o for o in flatten_tensors(out) if torch.is_tensor(o)]
         if not tensors_out and not any(id(t) in self.param_ids for t in tensors_in):
             return out
         try:
-            rule = _RULES.get(name)
+            rule = self.rule_for(name)
             if rule is None:
-                if name in _UNARY:
-                    rule = _unary
-                elif name in _BINARY:
-                    rule = _elementwise
-                elif name in _REDUCE:
-                    rule = _reduce
-                elif _POOL.match(name):
-                    rule = _pool
-                elif name in _RESHAPE:
-                    rule = _reshape
-                elif name in _NEUTRAL_LIKE or name in _NEUTRAL_NEW:
-                    rule = _neutral
-                else:
-                    raise _Unsupported(f"no rule for {name!r}")
+                raise Unsupported(f"no rule for {name!r}")
             rule(self, name, args, kwargs, out)
             self._touch(*tensors_in)
-        except _Unsupported as exc:
+        except Unsupported as exc:
             self._fallback(name, tensors_in, tensors_out, str(exc))
         return out
 
@@ -200,19 +245,6 @@ class DimTrace(TorchFunctionMode):
             log.debug("operation %s in %s fixed the dims it touched: %s", name, where, why)
 
 
-def _tensor_keys(model: torch.nn.Module) -> Tuple[Dict[int, List[str]], Dict[str, torch.Tensor], set]:
-    """id(tensor) -> keys (tied weights share one tensor), key -> tensor, and persistent keys."""
-    by_id: Dict[int, List[str]] = defaultdict(list)
-    tensors: Dict[str, torch.Tensor] = {}
-    for k, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        if t is None:
-            continue
-        by_id[id(t)].append(k)
-        tensors[k] = t
-    persistent = set(model.state_dict(keep_vars=True).keys())
-    return by_id, tensors, persistent
-
-
 def trace_dims(model: torch.nn.Module, example_inputs: Any) -> Tuple[PermutationSpec, DimTrace, Dict[int, List[str]]]:
     """Run ``model`` once on ``example_inputs`` under :class:`DimTrace` and build its spec.
 
@@ -224,24 +256,24 @@ def trace_dims(model: torch.nn.Module, example_inputs: Any) -> Tuple[Permutation
             "TorchScript modules run their operations in C++ where they cannot be followed; trace the "
             "eager model instead, or write the spec by hand with PermutationSpec.from_axes_to_perm"
         )
-    by_id, tensors, persistent = _tensor_keys(model)
+    by_id, tensors, persistent = tensor_keys(model)
     tr = DimTrace()
     for tid, keys in by_id.items():
         t = tensors[keys[0]]
         tr.register(t, fixed=not (t.is_floating_point() or t.is_complex()))  # integer buffers hold indices/counters
         tr.param_ids.add(tid)
-    for t in _flatten(example_inputs):
+    for t in flatten_tensors(example_inputs):
         if torch.is_tensor(t):
             tr.register(t, fixed=True)
 
     def record(module: str, out: Any) -> None:
-        first = next((t for t in _flatten(out) if torch.is_tensor(t)), None)
+        first = next((t for t in flatten_tensors(out) if torch.is_tensor(t)), None)
         if first is not None and id(first) in tr.nodes:
             tr.module_outputs.append((module, list(tr.nodes[id(first)])))
 
     try:
         out = traced_run(model, example_inputs, tr, tr.module_stack, on_output=record)
-    except _Unsupported as exc:  # pragma: no cover - rules catch their own
+    except Unsupported as exc:  # pragma: no cover - rules catch their own
         raise TraceError(str(exc)) from exc
     except Exception as exc:
         where = tr.module_stack[-1] if tr.module_stack else "<top level>"
@@ -251,7 +283,7 @@ def trace_dims(model: torch.nn.Module, example_inputs: Any) -> Tuple[Permutation
             "keyword inputs); if the model cannot run eagerly here, write the spec by hand with "
             "PermutationSpec.from_axes_to_perm"
         ) from exc
-    for t in _flatten(out):
+    for t in flatten_tensors(out):
         for n in tr.of(t):
             tr.uf.fix(n)
     for tid in tr.param_ids:
@@ -345,73 +377,3 @@ def _leaves(a: Axis):
         yield from _leaves(p)
 
 
-_RULES = {
-    "linear": _linear,
-    "matmul": _matmul,
-    "rmatmul": _matmul,
-    "mm": _matmul,
-    "bmm": _matmul,
-    "mv": _matmul,
-    "dot": _matmul,
-    "addmm": _addmm,
-    "baddbmm": _addmm,
-    "addbmm": _addmm,
-    "addmv": _addmm,
-    "einsum": _einsum,
-    "conv1d": _conv,
-    "conv2d": _conv,
-    "conv3d": _conv,
-    "conv_transpose1d": _conv,
-    "conv_transpose2d": _conv,
-    "conv_transpose3d": _conv,
-    "softmax": _softmax,
-    "log_softmax": _softmax,
-    "layer_norm": _layer_norm,
-    "rms_norm": _layer_norm,
-    "batch_norm": _batch_norm,
-    "instance_norm": _batch_norm,
-    "group_norm": _group_norm,
-    "normalize": _normalize,
-    "embedding": _embedding,
-    "permute": _permute,
-    "transpose": _permute,
-    "swapaxes": _permute,
-    "swapdims": _permute,
-    "t": _permute,
-    "prop:T": _permute,
-    "prop:mT": _permute,
-    "movedim": _permute,
-    "moveaxis": _permute,
-    "expand": _expand,
-    "expand_as": _expand,
-    "broadcast_to": _expand,
-    "repeat": _repeat,
-    "tile": _repeat,
-    "repeat_interleave": _repeat_interleave,
-    "cat": _cat,
-    "concat": _cat,
-    "concatenate": _cat,
-    "stack": _stack,
-    "split": _split,
-    "chunk": _split,
-    "tensor_split": _split,
-    "split_with_sizes": _split,
-    "unbind": _split,
-    "getitem": _getitem,
-    "narrow": _positional,
-    "select": _positional,
-    "max": _maxmin,
-    "min": _maxmin,
-    "argmax": _argreduce,
-    "argmin": _argreduce,
-    "scaled_dot_product_attention": _sdpa,
-    "multi_head_attention_forward": _mha,
-    "interpolate": _interpolate,
-    "upsample": _interpolate,
-    "pad": _pad,
-    "prop:data": _identity_like,
-    "lstm": _rnn,
-    "gru": _rnn,
-    "rnn_tanh": _rnn,
-    "rnn_relu": _rnn,
-}

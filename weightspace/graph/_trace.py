@@ -1,6 +1,6 @@
 """Follow *feature layers* through one forward run to build a neural computational graph.
 
-Where :mod:`weightspace._trace` follows every dimension to find symmetries, this pass follows the
+Where :mod:`weightspace.symmetry._trace` follows every dimension to find symmetries, this pass follows the
 feature axis of each activation (the last axis of a Linear's output, axis 1 of a conv map) and
 records, for every parameter, where its entries go in the graph:
 
@@ -28,18 +28,24 @@ import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from weightspace._graph_ir import EdgeBlock, Feat, GraphError, Layer, NodeFeature
-from weightspace._graph_rules import _HANDLERS, _h_binary, _h_pool, _h_reduce, _h_reshape, _h_unary
-from weightspace._ops import _BINARY, _IGNORE, _NEUTRAL_LIKE, _NEUTRAL_NEW, _POOL, _REDUCE, _RESHAPE, _UNARY, _flatten, _norm_dim, _op_name
+from weightspace.graph._ir import EdgeBlock, Feat, GraphError, Layer, NodeFeature
+from weightspace.graph._rules import _HANDLERS, _h_binary, _h_neutral, _h_pool, _h_reduce, _h_reshape, _h_unary
+from weightspace.tracing import TracingMode, flatten_tensors, norm_dim
 
 log = logging.getLogger(__name__)
 
 __all__ = ["GraphTrace", "GraphError", "Layer", "Feat", "EdgeBlock", "NodeFeature"]
 
 
-class GraphTrace(TorchFunctionMode):
+class GraphTrace(TracingMode):
+    """Follows node layers through a forward run (see the module docstring)."""
+
+    rules = {**_HANDLERS, **{n: _h_unary for n in ("softmax", "log_softmax", "normalize", "prop:data")},
+             "interpolate": _h_pool, "upsample": _h_pool}
+    category_rules = {"unary": _h_unary, "binary": _h_binary, "reduce": _h_reduce, "pool": _h_pool,
+                      "reshape": _h_reshape, "neutral": _h_neutral}
+
     def __init__(self, keys_by_id: Dict[int, List[str]], tensors: Dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.keys_by_id = keys_by_id
@@ -81,7 +87,7 @@ class GraphTrace(TorchFunctionMode):
     def feat_in(self, x: torch.Tensor, dim: int, op: str) -> Feat:
         """The layer of ``x``'s feature axis ``dim``; model inputs get an input layer on first use."""
         f = self.feat.get(id(x))
-        d = _norm_dim(dim, x.dim())
+        d = norm_dim(dim, x.dim())
         if f is None:
             if id(x) in self.lost:
                 raise GraphError(
@@ -149,35 +155,20 @@ class GraphTrace(TorchFunctionMode):
         return True
 
     # -- dispatch -------------------------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def handle(self, name, func, args, kwargs):
         out = func(*args, **kwargs)
-        name = _op_name(func)
-        if name in _IGNORE:
-            return out
-        tin = [a for a in _flatten((args, kwargs)) if torch.is_tensor(a)]
+        tin = [a for a in flatten_tensors((args, kwargs)) if torch.is_tensor(a)]
         if not any(id(t) in self.feat or id(t) in self.keys_by_id or id(t) in self.pderived or id(t) in self.lost or id(t) in self.scores for t in tin):
             return out
-        handler = _HANDLERS.get(name)
-        if handler is None:
-            if name in _UNARY or name in ("softmax", "log_softmax", "normalize", "prop:data"):
-                handler = _h_unary
-            elif name in _BINARY or name in ("max", "min") and len(args) > 1 and torch.is_tensor(args[1]):
-                handler = _h_binary
-            elif name in _REDUCE:
-                handler = _h_reduce
-            elif _POOL.match(name) or name in ("interpolate", "upsample"):
-                handler = _h_pool
-            elif name in _RESHAPE:
-                handler = _h_reshape
-            elif name in _NEUTRAL_LIKE or name in _NEUTRAL_NEW:
-                return out
+        handler = self.rule_for(name)
+        if handler is None and name in ("max", "min") and len(args) > 1 and torch.is_tensor(args[1]):
+            handler = _h_binary  # elementwise max/min of two tensors
         if handler is None:
             for t in tin:
                 k = self.key_of(t)
                 if k is not None and k not in self.placed:
                     self.unsupported.setdefault(k, f"{name} in {self.where()}")
-            for o in _flatten(out):
+            for o in flatten_tensors(out):
                 if torch.is_tensor(o):
                     self.set_feat(o, None, src=next((t for t in tin if id(t) in self.feat or id(t) in self.lost), None), op=name)
             return out

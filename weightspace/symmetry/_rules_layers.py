@@ -1,5 +1,5 @@
 """Dimension rules of layers: linear maps, matmul/einsum, convolutions, pooling, normalisations,
-embeddings and attention (see :mod:`weightspace._rules` for the conventions)."""
+embeddings and attention (see :mod:`weightspace.symmetry._rules` for the conventions)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -7,16 +7,16 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from weightspace._ops import _POOL, _Unsupported, _arg, _flatten, _mha_args
-from weightspace._rules import _broadcast
+from weightspace.tracing import POOL, Unsupported, arg, flatten_tensors, mha_args
+from weightspace.symmetry._rules import _broadcast
 
 
 def _linear(tr, name, args, kwargs, out):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
-    b = _arg(args, kwargs, 2, "bias")
+    x, w = args[0], arg(args, kwargs, 1, "weight")
+    b = arg(args, kwargs, 2, "bias")
     xs, ws = tr.of(x), tr.of(w)
     if w.dim() != 2:
-        raise _Unsupported("linear weight is not 2-D")
+        raise Unsupported("linear weight is not 2-D")
     tr.union(xs[-1], ws[1])
     if b is not None:
         tr.union(tr.of(b)[0], ws[0])
@@ -26,7 +26,7 @@ def _linear(tr, name, args, kwargs, out):
 def _matmul_nodes(tr, a, b) -> List[int]:
     an, bn = tr.of(a), tr.of(b)
     if a.dim() == 0 or b.dim() == 0:
-        raise _Unsupported("0-d matmul")
+        raise Unsupported("0-d matmul")
     if a.dim() == 1 and b.dim() == 1:
         tr.union(an[0], bn[0])
         return []
@@ -57,7 +57,7 @@ def _batch_union(tr, an, ash, bn, bsh) -> List[int]:
         elif sa == 1 and sb == 1:
             out.append(tr.fresh(1, False))
         else:
-            raise _Unsupported("batch dims do not broadcast")
+            raise Unsupported("batch dims do not broadcast")
     return out
 
 
@@ -82,12 +82,12 @@ def _einsum(tr, name, args, kwargs, out):
     eq = args[0]
     ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
     if not isinstance(eq, str) or not all(torch.is_tensor(o) for o in ops):
-        raise _Unsupported("einsum with sublist format")
+        raise Unsupported("einsum with sublist format")
     eq = eq.replace(" ", "")
     lhs, rhs = (eq.split("->") + [None])[:2]
     terms = lhs.split(",")
     if len(terms) != len(ops):
-        raise _Unsupported("einsum operand count")
+        raise Unsupported("einsum operand count")
     letters: Dict[str, List[Tuple[int, int]]] = defaultdict(list)  # letter -> [(node, size)]
     ell_len = max((o.dim() - len(t.replace("...", "")) for t, o in zip(terms, ops) if "..." in t), default=0)
     expanded = []
@@ -99,7 +99,7 @@ def _einsum(tr, name, args, kwargs, out):
         else:
             labels = list(t)
         if len(labels) != o.dim():
-            raise _Unsupported("einsum rank")
+            raise Unsupported("einsum rank")
         expanded.append(labels)
         for lab, n, s in zip(labels, tr.of(o), o.shape):
             letters[lab].append((n, s))
@@ -108,7 +108,7 @@ def _einsum(tr, name, args, kwargs, out):
         big = [n for n, s in members if s != 1]
         sizes = {s for _, s in members if s != 1}
         if len(sizes) > 1:
-            raise _Unsupported("einsum size mismatch")
+            raise Unsupported("einsum size mismatch")
         for n in big[1:]:
             tr.union(big[0], n)
         rep[lab] = big[0] if big else tr.fresh(1, False)
@@ -122,13 +122,13 @@ def _einsum(tr, name, args, kwargs, out):
 
 
 def _conv(tr, name, args, kwargs, out):
-    x, w = args[0], _arg(args, kwargs, 1, "weight")
-    b = _arg(args, kwargs, 2, "bias")
+    x, w = args[0], arg(args, kwargs, 1, "weight")
+    b = arg(args, kwargs, 2, "bias")
     transposed = "transpose" in name
-    groups = _arg(args, kwargs, 6, "groups", 1)  # position 6 in conv*d and conv_transpose*d alike
+    groups = arg(args, kwargs, 6, "groups", 1)  # position 6 in conv*d and conv_transpose*d alike
     k = w.dim() - 2
     if x.dim() not in (k + 1, k + 2):
-        raise _Unsupported("conv input rank")
+        raise Unsupported("conv input rank")
     batched = x.dim() == k + 2
     xs, ws = tr.of(x), tr.of(w)
     cdim = 1 if batched else 0
@@ -158,13 +158,13 @@ def _conv(tr, name, args, kwargs, out):
 
 
 def _pool(tr, name, args, kwargs, out):
-    m = _POOL.match(name)
+    m = POOL.match(name)
     k = int(m.group(3) or name[-2])
     x = args[0]
     xs = tr.of(x)
     lead = x.dim() - k
     res = xs[:lead]
-    outs = [o for o in _flatten(out) if torch.is_tensor(o)]
+    outs = [o for o in flatten_tensors(out) if torch.is_tensor(o)]
     for o in outs:
         tr.set_out(o, res + [tr.fresh(s, True) for s in o.shape[lead:]])
 
@@ -176,7 +176,7 @@ def _interpolate(tr, name, args, kwargs, out):
 
 
 def _pad(tr, name, args, kwargs, out):
-    x, pad = args[0], _arg(args, kwargs, 1, "pad")
+    x, pad = args[0], arg(args, kwargs, 1, "pad")
     xs = tr.of(x)
     npad = len(pad) // 2
     moved = [i for i in range(x.dim() - npad, x.dim()) if pad[2 * (x.dim() - 1 - i)] or pad[2 * (x.dim() - 1 - i) + 1]]
@@ -192,8 +192,8 @@ def _pad(tr, name, args, kwargs, out):
 
 def _layer_norm(tr, name, args, kwargs, out):
     x = args[0]
-    shape = _arg(args, kwargs, 1, "normalized_shape")
-    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    shape = arg(args, kwargs, 1, "normalized_shape")
+    w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
     xs = tr.of(x)
     k = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
     for t in (w, b):
@@ -207,17 +207,17 @@ def _batch_norm(tr, name, args, kwargs, out):
     x = args[0]
     xs = tr.of(x)
     c = xs[1] if x.dim() > 1 else xs[0]
-    for t in _flatten((args[1:], kwargs)):
+    for t in flatten_tensors((args[1:], kwargs)):
         if torch.is_tensor(t):
             if t.dim() != 1:
-                raise _Unsupported("batch norm statistic is not 1-D")
+                raise Unsupported("batch norm statistic is not 1-D")
             tr.union(tr.of(t)[0], c)
     tr.set_out(out, xs)
 
 
 def _group_norm(tr, name, args, kwargs, out):
-    x, G = args[0], _arg(args, kwargs, 1, "num_groups")
-    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    x, G = args[0], arg(args, kwargs, 1, "num_groups")
+    w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
     xs = tr.of(x)
     C = x.shape[1]
     g, inner = tr.fresh(G, False), tr.fresh(C // G, False)
@@ -233,7 +233,7 @@ def _normalize(tr, name, args, kwargs, out):
 
 
 def _embedding(tr, name, args, kwargs, out):
-    idx, w = args[0], _arg(args, kwargs, 1, "weight")
+    idx, w = args[0], arg(args, kwargs, 1, "weight")
     ws = tr.of(w)
     tr.uf.fix(ws[0])  # rows are addressed by token ids
     tr.set_out(out, tr.of(idx) + [ws[1]])
@@ -241,13 +241,13 @@ def _embedding(tr, name, args, kwargs, out):
 
 def _sdpa(tr, name, args, kwargs, out):
     q, k, v = args[0], args[1], args[2]
-    mask = _arg(args, kwargs, 3, "attn_mask")
-    causal = _arg(args, kwargs, 5, "is_causal", False)
+    mask = arg(args, kwargs, 3, "attn_mask")
+    causal = arg(args, kwargs, 5, "is_causal", False)
     if q.dim() < 3 or q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
-        raise _Unsupported("mismatched batch dims")
+        raise Unsupported("mismatched batch dims")
     hq, hkv = q.shape[-3], k.shape[-3]
-    if hq != hkv and not (_arg(args, kwargs, 7, "enable_gqa", False) and hq % hkv == 0):
-        raise _Unsupported("query and key head counts differ without enable_gqa")
+    if hq != hkv and not (arg(args, kwargs, 7, "enable_gqa", False) and hq % hkv == 0):
+        raise Unsupported("query and key head counts differ without enable_gqa")
     qs, ks, vs = tr.of(q), tr.of(k), tr.of(v)
     for a, b, c in zip(qs[:-3], ks[:-3], vs[:-3]):
         tr.union(a, b)
@@ -271,10 +271,10 @@ def _sdpa(tr, name, args, kwargs, out):
 
 def _mha(tr, name, args, kwargs, out):
     """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): heads x head_dim structure."""
-    a = _mha_args(args, kwargs)
+    a = mha_args(args, kwargs)
     q, k, v = a["query"], a["key"], a["value"]
     if a["static_k"] is not None or a["static_v"] is not None:
-        raise _Unsupported("static keys/values")
+        raise Unsupported("static keys/values")
     H, E = int(a["num_heads"]), int(a["embed_dim_to_check"])
     D = E // H
     heads, qk, vo = tr.fresh(H, False), tr.fresh(D, False), tr.fresh(D, False)
@@ -311,7 +311,7 @@ def _mha(tr, name, args, kwargs, out):
     tr.set_out(attn, qd[:-1] + [ow[0]])
     if torch.is_tensor(weights):
         tr.set_out(weights, [tr.fresh(s, True) for s in weights.shape])
-    tr._touch(*[t for t in _flatten((args, kwargs)) if torch.is_tensor(t)])
+    tr._touch(*[t for t in flatten_tensors((args, kwargs)) if torch.is_tensor(t)])
 
 
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -324,11 +324,11 @@ def _rnn(tr, name, args, kwargs, out):
     hidden units form their own group; with several, the final states ``h_n``/``c_n`` stack every
     layer's units on one axis, so all layers share one hidden permutation (a subgroup of the symmetry)."""
     if len(args) < 9 or not isinstance(args[2], (list, tuple)):
-        raise _Unsupported("packed sequences")
+        raise Unsupported("packed sequences")
     x, hx, weights, has_bias, num_layers, _, _, bidirectional, _ = args[:9]
     gates, D, per = _GATES[name], 2 if bidirectional else 1, 4 if has_bias else 2
     if len(weights) != num_layers * D * per:
-        raise _Unsupported("recurrent projections (proj_size)")
+        raise Unsupported("recurrent projections (proj_size)")
     H = weights[1].shape[1]
     shared = tr.fresh(H, False)
     hidden = [[shared if num_layers * D > 1 else tr.fresh(H, False) for _ in range(D)] for _ in range(num_layers)]
@@ -353,7 +353,7 @@ def _rnn(tr, name, args, kwargs, out):
     for h in ([hx] if torch.is_tensor(hx) else list(hx)):  # initial states: (layers * directions, batch, H)
         hs = tr.of(h)
         tr.union(hs[-1], hidden[0][0] if num_layers * D == 1 else shared)
-    output, *states = [o for o in _flatten(out) if torch.is_tensor(o)]
+    output, *states = [o for o in flatten_tensors(out) if torch.is_tensor(o)]
     tr.set_out(output, tr.of(x)[:-1] + [layer_in])
     for s in states:
         tr.set_out(s, [tr.fresh(n, True) for n in s.shape[:-1]] + [hidden[0][0] if num_layers * D == 1 else shared])

@@ -1,11 +1,11 @@
-"""Dimension rules of elementwise, reduction and shape operations (layers: :mod:`weightspace._rules_layers`).
+"""Dimension rules of elementwise, reduction and shape operations (layers: :mod:`weightspace.symmetry._rules_layers`).
 
 For each operation, which dimensions of its inputs and outputs must move together.
 
 A rule ``rule(tr, name, args, kwargs, out)`` reads the input tensors' dimension nodes from the trace
-``tr`` (:class:`weightspace._trace.DimTrace`), joins the ones the operation couples, marks positional
+``tr`` (:class:`weightspace.symmetry._trace.DimTrace`), joins the ones the operation couples, marks positional
 ones fixed, and registers the output's nodes. A rule that cannot read an operation raises
-``_Unsupported``, and the trace then fixes everything the operation touches.
+``Unsupported``, and the trace then fixes everything the operation touches.
 """
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from weightspace._ops import (
-    _Unsupported,
-    _arg,
-    _dims_arg,
-    _expand_index,
-    _flatten,
-    _norm_dim,
-    _permute_order,
+from weightspace.tracing import (
+    Unsupported,
+    arg,
+    dims_arg,
+    expand_index,
+    flatten_tensors,
+    norm_dim,
+    permute_order,
 )
 
 
@@ -35,7 +35,7 @@ def _broadcast(tr, tensors: Sequence[torch.Tensor], out_shape: Sequence[int]) ->
             if k >= 0 and t.shape[k] == size and size != 1:
                 members.append(tr.of(t)[k])
             elif k >= 0 and t.shape[k] != 1 and t.shape[k] != size:
-                raise _Unsupported("shapes do not broadcast")
+                raise Unsupported("shapes do not broadcast")
         if members:
             for m in members[1:]:
                 tr.union(members[0], m)
@@ -46,44 +46,44 @@ def _broadcast(tr, tensors: Sequence[torch.Tensor], out_shape: Sequence[int]) ->
 
 
 def _unary(tr, name, args, kwargs, out):
-    x = next((a for a in _flatten(args) if torch.is_tensor(a)), None)
+    x = next((a for a in flatten_tensors(args) if torch.is_tensor(a)), None)
     if x is None or not torch.is_tensor(out) or tuple(out.shape) != tuple(x.shape):
-        raise _Unsupported("unary op changed the shape")
+        raise Unsupported("unary op changed the shape")
     tr.set_out(out, tr.of(x))
 
 
 def _elementwise(tr, name, args, kwargs, out):
-    tensors = [a for a in _flatten((args, kwargs)) if torch.is_tensor(a)]
+    tensors = [a for a in flatten_tensors((args, kwargs)) if torch.is_tensor(a)]
     if not torch.is_tensor(out):
-        raise _Unsupported("non-tensor output")
+        raise Unsupported("non-tensor output")
     tr.set_out(out, _broadcast(tr, tensors, out.shape))
 
 
 def _neutral(tr, name, args, kwargs, out):
     if not torch.is_tensor(out):
-        raise _Unsupported("non-tensor output")
+        raise Unsupported("non-tensor output")
     if name == "full" or name == "full_like" or name == "new_full":
-        fill = _arg(args, kwargs, 2 if name == "full_like" else 1, "fill_value")
+        fill = arg(args, kwargs, 2 if name == "full_like" else 1, "fill_value")
         if torch.is_tensor(fill) and fill.dim() > 0:
-            raise _Unsupported("tensor fill value")
+            raise Unsupported("tensor fill value")
     tr.set_out(out, [tr.fresh(s, False) for s in out.shape])
 
 
 def _reduce(tr, name, args, kwargs, out):
     x = args[0]
     if name in ("norm", "vector_norm"):
-        dim, keep = _arg(args, kwargs, 2, "dim"), _arg(args, kwargs, 3, "keepdim", False)
+        dim, keep = arg(args, kwargs, 2, "dim"), arg(args, kwargs, 3, "keepdim", False)
     elif name in ("var", "std"):
-        dim = _arg(args, kwargs, 1, "dim")
+        dim = arg(args, kwargs, 1, "dim")
         keep = kwargs.get("keepdim", args[3] if len(args) > 3 and isinstance(args[2], bool) else False)
         if isinstance(dim, bool):
             dim = None
     else:
-        dim, keep = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "keepdim", False)
+        dim, keep = arg(args, kwargs, 1, "dim"), arg(args, kwargs, 2, "keepdim", False)
     if name in ("sum", "mean", "prod", "nansum", "nanmean") and torch.is_tensor(dim):
-        raise _Unsupported("tensor dim")
+        raise Unsupported("tensor dim")
     xs = tr.of(x)
-    red = _dims_arg(dim, x.dim())
+    red = dims_arg(dim, x.dim())
     res = []
     for i, n in enumerate(xs):
         if i in red:
@@ -91,16 +91,16 @@ def _reduce(tr, name, args, kwargs, out):
                 res.append(tr.fresh(1, False))
         else:
             res.append(n)
-    outs = [o for o in _flatten(out) if torch.is_tensor(o)]
+    outs = [o for o in flatten_tensors(out) if torch.is_tensor(o)]
     for o in outs:
         tr.set_out(o, res)
 
 
 def _argreduce(tr, name, args, kwargs, out):
     x = args[0]
-    dim, keep = _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "keepdim", False)
+    dim, keep = arg(args, kwargs, 1, "dim"), arg(args, kwargs, 2, "keepdim", False)
     xs = tr.of(x)
-    red = _dims_arg(dim, x.dim())
+    red = dims_arg(dim, x.dim())
     res = []
     for i, n in enumerate(xs):
         if i in red:
@@ -113,20 +113,20 @@ def _argreduce(tr, name, args, kwargs, out):
 
 
 def _maxmin(tr, name, args, kwargs, out):
-    other = _arg(args, kwargs, 1, "other")
+    other = arg(args, kwargs, 1, "other")
     if torch.is_tensor(other):
         return _elementwise(tr, name, args, kwargs, out)
-    dim = _arg(args, kwargs, 1, "dim")
+    dim = arg(args, kwargs, 1, "dim")
     if dim is None:
         tr.set_out(out, [])
         return
-    keep = _arg(args, kwargs, 2, "keepdim", False)
+    keep = arg(args, kwargs, 2, "keepdim", False)
     x = args[0]
     xs = tr.of(x)
-    d = _norm_dim(int(dim), x.dim())
+    d = norm_dim(int(dim), x.dim())
     tr.uf.fix(xs[d])  # the indices output is positional along d
     res = [n for i, n in enumerate(xs) if i != d] if not keep else [n if i != d else tr.fresh(1, True) for i, n in enumerate(xs)]
-    for o in _flatten(out):
+    for o in flatten_tensors(out):
         tr.set_out(o, res)
 
 
@@ -136,13 +136,13 @@ def _softmax(tr, name, args, kwargs, out):
 
 def _permute(tr, name, args, kwargs, out):
     xs = tr.of(args[0])
-    tr.set_out(out, [xs[i] for i in _permute_order(name, args, kwargs, args[0].dim())])
+    tr.set_out(out, [xs[i] for i in permute_order(name, args, kwargs, args[0].dim())])
 
 
 def _reshape(tr, name, args, kwargs, out):
     x = args[0]
     if not torch.is_tensor(out):
-        raise _Unsupported("non-tensor output")
+        raise Unsupported("non-tensor output")
     tr.set_out(out, _reshape_nodes(tr, tr.of(x), list(x.shape), list(out.shape)))
 
 
@@ -153,7 +153,7 @@ def _reshape_nodes(tr, xs: List[int], ish: List[int], osh: List[int]) -> List[in
     i = j = 0
     while i < len(ins) or j < len(out_pos):
         if i >= len(ins) or j >= len(out_pos):
-            raise _Unsupported("reshape sizes do not align")
+            raise Unsupported("reshape sizes do not align")
         gi, gj = [ins[i]], [out_pos[j]]
         pi, pj = ins[i][1], osh[out_pos[j]]
         i += 1
@@ -161,13 +161,13 @@ def _reshape_nodes(tr, xs: List[int], ish: List[int], osh: List[int]) -> List[in
         while pi != pj:
             if pi < pj:
                 if i >= len(ins):
-                    raise _Unsupported("reshape sizes do not align")
+                    raise Unsupported("reshape sizes do not align")
                 gi.append(ins[i])
                 pi *= ins[i][1]
                 i += 1
             else:
                 if j >= len(out_pos):
-                    raise _Unsupported("reshape sizes do not align")
+                    raise Unsupported("reshape sizes do not align")
                 gj.append(out_pos[j])
                 pj *= osh[out_pos[j]]
                 j += 1
@@ -209,7 +209,7 @@ def _expand(tr, name, args, kwargs, out):
 
 def _repeat(tr, name, args, kwargs, out):
     x = args[0]
-    reps = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else _arg(args, kwargs, 1, "repeats")
+    reps = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else arg(args, kwargs, 1, "repeats")
     reps = list(reps)
     xs = tr.of(x)
     nd = out.dim()
@@ -231,23 +231,23 @@ def _repeat(tr, name, args, kwargs, out):
 
 
 def _repeat_interleave(tr, name, args, kwargs, out):
-    x, r = args[0], _arg(args, kwargs, 1, "repeats")
-    dim = _arg(args, kwargs, 2, "dim")
+    x, r = args[0], arg(args, kwargs, 1, "repeats")
+    dim = arg(args, kwargs, 2, "dim")
     if not isinstance(r, int) or dim is None:
-        raise _Unsupported("repeat_interleave with tensor repeats or no dim")
+        raise Unsupported("repeat_interleave with tensor repeats or no dim")
     xs = tr.of(x)
-    d = _norm_dim(dim, x.dim())
+    d = norm_dim(dim, x.dim())
     f = tr.fresh(out.shape[d], False)
     tr.uf.set_layout(f, "product", [xs[d], tr.fresh(r, False)])
     tr.set_out(out, xs[:d] + [f] + xs[d + 1 :])
 
 
 def _cat(tr, name, args, kwargs, out):
-    ts = [t for t in _arg(args, kwargs, 0, "tensors") if torch.is_tensor(t)]
-    dim = _arg(args, kwargs, 1, "dim", 0)
+    ts = [t for t in arg(args, kwargs, 0, "tensors") if torch.is_tensor(t)]
+    dim = arg(args, kwargs, 1, "dim", 0)
     ts = [t for t in ts if not (t.dim() == 1 and t.shape[0] == 0)]
     nd = out.dim()
-    d = _norm_dim(int(dim), nd)
+    d = norm_dim(int(dim), nd)
     res = []
     for j in range(nd):
         if j == d:
@@ -263,8 +263,8 @@ def _cat(tr, name, args, kwargs, out):
 
 
 def _stack(tr, name, args, kwargs, out):
-    ts = [t for t in _arg(args, kwargs, 0, "tensors") if torch.is_tensor(t)]
-    dim = _norm_dim(int(_arg(args, kwargs, 1, "dim", 0)), out.dim())
+    ts = [t for t in arg(args, kwargs, 0, "tensors") if torch.is_tensor(t)]
+    dim = norm_dim(int(arg(args, kwargs, 1, "dim", 0)), out.dim())
     base = []
     for j in range(ts[0].dim()):
         ms = [tr.of(t)[j] for t in ts]
@@ -276,19 +276,19 @@ def _stack(tr, name, args, kwargs, out):
 
 def _split(tr, name, args, kwargs, out):
     x = args[0]
-    pieces = [o for o in _flatten(out) if torch.is_tensor(o)]
+    pieces = [o for o in flatten_tensors(out) if torch.is_tensor(o)]
     if name == "unbind":
-        d = _norm_dim(int(_arg(args, kwargs, 1, "dim", 0)), x.dim())
+        d = norm_dim(int(arg(args, kwargs, 1, "dim", 0)), x.dim())
         xs = tr.of(x)
         tr.uf.fix(xs[d])
         for p in pieces:
             tr.set_out(p, xs[:d] + xs[d + 1 :])
         return
     dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
-    d = _norm_dim(int(dim), x.dim())
+    d = norm_dim(int(dim), x.dim())
     xs = tr.of(x)
     if sum(p.shape[d] for p in pieces) != x.shape[d]:
-        raise _Unsupported("split pieces do not cover the dim")
+        raise Unsupported("split pieces do not cover the dim")
     parts = [tr.fresh(p.shape[d], False) for p in pieces]
     tr.uf.set_layout(xs[d], "concat", parts)
     for p, n in zip(pieces, parts):
@@ -297,7 +297,7 @@ def _split(tr, name, args, kwargs, out):
 
 def _getitem(tr, name, args, kwargs, out):
     x = args[0]
-    idx = _expand_index(args[1], x.dim())
+    idx = expand_index(args[1], x.dim())
     xs = tr.of(x)
     res = []
     d = 0
@@ -315,14 +315,14 @@ def _getitem(tr, name, args, kwargs, out):
                 res.append(None)
             d += 1
         else:
-            raise _Unsupported(f"index of type {type(i).__name__}")
+            raise Unsupported(f"index of type {type(i).__name__}")
     final = [r if r is not None else tr.fresh(out.shape[j], True) for j, r in enumerate(res)]
     tr.set_out(out, final)
 
 
 def _positional(tr, name, args, kwargs, out):  # narrow / select: a position range singled out
     x = args[0]
-    d = _norm_dim(int(_arg(args, kwargs, 1, "dim")), x.dim())
+    d = norm_dim(int(arg(args, kwargs, 1, "dim")), x.dim())
     xs = tr.of(x)
     tr.uf.fix(xs[d])
     if name == "select":

@@ -1,16 +1,17 @@
 """Graph handlers: how each operation moves, creates or joins layers of nodes (see
-:mod:`weightspace._graph_trace`)."""
+:mod:`weightspace.graph._trace`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
-from weightspace._graph_ir import _ACTIVATIONS, EdgeBlock, Feat, GraphError
-from weightspace._ops import _POOL, _Unsupported, _arg, _dims_arg, _expand_index, _flatten, _mha_args, _norm_dim, _permute_order
+from weightspace.graph._ir import _ACTIVATIONS, EdgeBlock, Feat, GraphError
+from weightspace.tracing import POOL, Unsupported, arg, dims_arg, expand_index, flatten_tensors, mha_args, norm_dim, permute_order
 
-if TYPE_CHECKING:  # annotations only: the trace imports these handlers
-    from weightspace._graph_trace import GraphTrace
+# A handler's first argument is the running GraphTrace (weightspace.graph._trace); it is not imported
+# here, even for annotations, so that the trace imports its handlers and never the other way round.
+GraphTrace = Any
 
 
 def _h_unary(g: GraphTrace, name, args, kwargs, out):
@@ -34,7 +35,7 @@ def _align(x: torch.Tensor, out: torch.Tensor, dims: Tuple[int, ...]) -> Tuple[i
 
 
 def _h_binary(g: GraphTrace, name, args, kwargs, out):
-    tensors = [a for a in _flatten((args, kwargs)) if torch.is_tensor(a)]
+    tensors = [a for a in flatten_tensors((args, kwargs)) if torch.is_tensor(a)]
     feats = [(t, g.feat[id(t)]) for t in tensors if id(t) in g.feat]
     params = [t for t in tensors if g.key_of(t) is not None or id(t) in g.pderived]
     if not torch.is_tensor(out):
@@ -81,15 +82,15 @@ def _h_binary(g: GraphTrace, name, args, kwargs, out):
 def _h_reduce(g: GraphTrace, name, args, kwargs, out):
     x = args[0]
     f = g.feat.get(id(x))
-    outs = [o for o in _flatten(out) if torch.is_tensor(o)]
+    outs = [o for o in flatten_tensors(out) if torch.is_tensor(o)]
     if f is None:
         for o in outs:
             g.set_feat(o, None, src=x, op=name)
         return
     pos = 2 if name in ("norm", "vector_norm") else 1
-    dim = _arg(args, kwargs, pos, "dim")
-    keep = bool(_arg(args, kwargs, pos + 1, "keepdim", False)) if name not in ("var", "std") else bool(kwargs.get("keepdim", False))
-    red = _dims_arg(dim, x.dim()) if not (name in ("var", "std") and isinstance(dim, bool)) else list(range(x.dim()))
+    dim = arg(args, kwargs, pos, "dim")
+    keep = bool(arg(args, kwargs, pos + 1, "keepdim", False)) if name not in ("var", "std") else bool(kwargs.get("keepdim", False))
+    red = dims_arg(dim, x.dim()) if not (name in ("var", "std") and isinstance(dim, bool)) else list(range(x.dim()))
     if any(d in red for d in f.dims):
         for o in outs:
             g.set_feat(o, None, src=x, op=name)
@@ -103,10 +104,10 @@ def _h_pool(g: GraphTrace, name, args, kwargs, out):
     """Pooling and resizing act on the trailing spatial axes; units on the leading axes survive."""
     x = args[0]
     f = g.feat.get(id(x))
-    m = _POOL.match(name)
+    m = POOL.match(name)
     spatial = int(m.group(3) or name[-2]) if m else x.dim() - 2
     keep = f if f is not None and max(f.dims) < x.dim() - spatial and f.inner == 1 else None
-    for o in _flatten(out):
+    for o in flatten_tensors(out):
         if torch.is_tensor(o):
             g.set_feat(o, keep, src=x, op=name)
 
@@ -168,7 +169,7 @@ def _h_permute(g: GraphTrace, name, args, kwargs, out):
     if f is None:
         g.set_feat(out, None, src=x, op=name)
         return
-    order = _permute_order(name, args, kwargs, x.dim())
+    order = permute_order(name, args, kwargs, x.dim())
     new = tuple(order.index(d) for d in f.dims)
     g.set_feat(out, Feat(f.layer, new, f.inner))
 
@@ -181,8 +182,8 @@ def _h_getitem(g: GraphTrace, name, args, kwargs, out):
             g.set_feat(out, None, src=x, op=name)
         return
     try:
-        idx = _expand_index(idx, x.dim())
-    except _Unsupported:
+        idx = expand_index(idx, x.dim())
+    except Unsupported:
         g.set_feat(out, None, src=x, op=name)
         return
     mapping, d, j = {}, 0, 0
@@ -244,7 +245,7 @@ def _h_addmm(g: GraphTrace, name, args, kwargs, out):
 
 
 def _h_linear(g: GraphTrace, name, args, kwargs, out):
-    x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
     key = g.key_of(w)
     if key is None:
         raise GraphError(f"linear in {g.where()} uses a weight computed from parameters; not supported")
@@ -258,8 +259,8 @@ def _h_linear(g: GraphTrace, name, args, kwargs, out):
 
 
 def _h_conv(g: GraphTrace, name, args, kwargs, out):
-    x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-    groups = _arg(args, kwargs, 6, "groups", 1)
+    x, w, b = args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias")
+    groups = arg(args, kwargs, 6, "groups", 1)
     key = g.key_of(w)
     batched = x.dim() == w.dim()
     cdim = 1 if batched else 0
@@ -279,7 +280,7 @@ def _h_conv(g: GraphTrace, name, args, kwargs, out):
 
 
 def _h_embedding(g: GraphTrace, name, args, kwargs, out):
-    w = _arg(args, kwargs, 1, "weight")
+    w = arg(args, kwargs, 1, "weight")
     key = g.key_of(w)
     vocab = g.new_layer(w.shape[0], "input")
     layer = g.new_layer(w.shape[1], "embedding", anchor=(key, 1))
@@ -290,20 +291,20 @@ def _h_embedding(g: GraphTrace, name, args, kwargs, out):
 def _h_norm(g: GraphTrace, name, args, kwargs, out):
     x = args[0]
     if name in ("layer_norm", "rms_norm"):
-        shape = _arg(args, kwargs, 1, "normalized_shape")
+        shape = arg(args, kwargs, 1, "normalized_shape")
         if len(shape) != 1:
             raise GraphError(f"{name} over several axes in {g.where()} is not supported by NeuralGraph")
         f = g.feat_in(x, -1, name)
-        w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+        w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
         stats = {}
     elif name == "group_norm":
         f = g.feat_in(x, 1, name)
-        w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+        w, b = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
         stats = {}
     else:  # batch_norm / instance_norm
         f = g.feat_in(x, 1 if x.dim() > 1 else 0, name)
-        w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
-        stats = {"running_mean": _arg(args, kwargs, 1, "running_mean"), "running_var": _arg(args, kwargs, 2, "running_var")}
+        w, b = arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
+        stats = {"running_mean": arg(args, kwargs, 1, "running_mean"), "running_var": arg(args, kwargs, 2, "running_var")}
     if f.inner != 1:
         raise GraphError(f"{name} in {g.where()} normalises a flattened feature map; not supported")
     size = g.layers[f.layer].size
@@ -387,7 +388,7 @@ def _h_sdpa(g: GraphTrace, name, args, kwargs, out):
 
 
 def _h_mha(g: GraphTrace, name, args, kwargs, out):
-    a = _mha_args(args, kwargs)
+    a = mha_args(args, kwargs)
     if a["bias_k"] is not None or a["bias_v"] is not None:
         raise GraphError(f"nn.MultiheadAttention with add_bias_kv in {g.where()} is not supported by NeuralGraph")
     E, H = int(a["embed_dim_to_check"]), int(a["num_heads"])
@@ -421,8 +422,8 @@ def _h_mha(g: GraphTrace, name, args, kwargs, out):
 
 
 def _h_cat(g: GraphTrace, name, args, kwargs, out):
-    ts = [t for t in _arg(args, kwargs, 0, "tensors") if torch.is_tensor(t) and t.numel() > 0]  # e.g. an empty KV cache
-    dim = _norm_dim(int(_arg(args, kwargs, 1, "dim", 0)), out.dim())
+    ts = [t for t in arg(args, kwargs, 0, "tensors") if torch.is_tensor(t) and t.numel() > 0]  # e.g. an empty KV cache
+    dim = norm_dim(int(arg(args, kwargs, 1, "dim", 0)), out.dim())
     feats = [g.feat.get(id(t)) for t in ts]
     if all(f is not None and f.dims == (dim,) and f.inner == 1 for f in feats):
         new = g.new_layer(out.shape[dim], "concat")
@@ -452,8 +453,8 @@ def _h_cat(g: GraphTrace, name, args, kwargs, out):
 def _h_split(g: GraphTrace, name, args, kwargs, out):
     x = args[0]
     f = g.feat.get(id(x))
-    pieces = [o for o in _flatten(out) if torch.is_tensor(o)]
-    dim = _norm_dim(int(kwargs.get("dim", args[2] if len(args) > 2 else 0)), x.dim())
+    pieces = [o for o in flatten_tensors(out) if torch.is_tensor(o)]
+    dim = norm_dim(int(kwargs.get("dim", args[2] if len(args) > 2 else 0)), x.dim())
     if f is None:
         for p in pieces:
             g.set_feat(p, None, src=x, op=name)
@@ -472,6 +473,10 @@ def _h_split(g: GraphTrace, name, args, kwargs, out):
         g.add_edges(EdgeBlock(f.layer, new, "split", ar + off, ar, None))
         g.set_feat(p, Feat(new, (dim,)))
         off += n
+
+
+def _h_neutral(g: GraphTrace, name, args, kwargs, out):
+    """``zeros_like``, ``new_ones``...: a fresh tensor that carries no node layer."""
 
 
 _HANDLERS = {

@@ -3,7 +3,7 @@
 A network's hidden units can be permuted without changing the function it computes: for an MLP,
 ``W_l -> P_l W_l P_{l-1}^T`` and ``b_l -> P_l b_l`` with ``P_0 = P_L = I`` (Hecht-Nielsen 1990;
 the "HNP" group of Navon et al. 2023). :func:`permutation_spec` finds every such group of a model
-automatically (see :mod:`weightspace._trace`), :func:`permute` applies permutations to a module or a
+automatically (see :mod:`weightspace.symmetry._trace`), :func:`permute` applies permutations to a module or a
 state dict, and :func:`check_spec` verifies numerically that they leave the outputs unchanged.
 """
 from __future__ import annotations
@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from weightspace._spec import Axis, PermutationSpec, SpecError
-from weightspace._ops import _MHA_ARGS, _call, _flatten
-from weightspace._trace import TraceError, trace_dims
+from weightspace.symmetry._spec import Axis, PermutationSpec, SpecError
+from weightspace.symmetry._trace import TraceError, trace_dims
+from weightspace.tracing import MHA_ARGS, TracingMode, call_model, flatten_tensors
 
 log = logging.getLogger(__name__)
 
@@ -192,19 +191,18 @@ class SpecCheck:
     modes: Tuple[str, ...]
 
 
-class _NoDropout(TorchFunctionMode):
+class _NoDropout(TracingMode):
     """Turns every dropout off, functional ones included (attention dropout inside SDPA/MHA)."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        name = getattr(func, "__name__", "")
+    def handle(self, name, func, args, kwargs):
+        kwargs = dict(kwargs)
         if "dropout" in name and name != "multi_head_attention_forward":
             return args[0]
         if name == "scaled_dot_product_attention":
             kwargs["dropout_p"] = 0.0
             args = args[:4]
         if name == "multi_head_attention_forward":
-            args = tuple(0.0 if i == _MHA_ARGS.index("dropout_p") else a for i, a in enumerate(args))
+            args = tuple(0.0 if i == MHA_ARGS.index("dropout_p") else a for i, a in enumerate(args))
             if "dropout_p" in kwargs:
                 kwargs["dropout_p"] = 0.0
         return func(*args, **kwargs)
@@ -219,7 +217,7 @@ def _outputs(model: torch.nn.Module, example_inputs: Any, train: bool) -> list:
         model = copy.deepcopy(model)
     model.train(train)
     with torch.no_grad(), _NoDropout():
-        return [t.detach().double() for t in _flatten(_call(model, example_inputs)) if torch.is_tensor(t) and t.is_floating_point()]
+        return [t.detach().double() for t in flatten_tensors(call_model(model, example_inputs)) if torch.is_tensor(t) and t.is_floating_point()]
 
 
 def _rel_diff(a: list, b: list) -> float:

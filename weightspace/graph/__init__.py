@@ -1,7 +1,7 @@
 """Neural computational graphs: neurons are nodes, parameters are edges.
 
 ``NeuralGraph.from_model(model, example_inputs)`` follows one forward run (see
-:mod:`weightspace._graph_trace`) and builds a directed graph in which
+:mod:`weightspace.graph._trace`) and builds a directed graph in which
 
 * every unit of every layer is a node -- input units, hidden units and output units -- with a node
   type, a layer index and its position in the layer;
@@ -25,11 +25,10 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
-from weightspace._graph_ir import EdgeBlock, GraphError, Layer, NodeFeature
-from weightspace._graph_trace import GraphTrace
-from weightspace._spec import PermutationSpec
-from weightspace._ops import _flatten, traced_run
-from weightspace._trace import _tensor_keys
+from weightspace.graph._ir import EdgeBlock, GraphError, Layer, NodeFeature
+from weightspace.graph._trace import GraphTrace
+from weightspace.symmetry import PermutationSpec
+from weightspace.tracing import flatten_tensors, tensor_keys, traced_run
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ class NeuralGraph:
     @classmethod
     def from_model(cls, model: torch.nn.Module, example_inputs: Any) -> "NeuralGraph":
         """Trace ``model`` once on ``example_inputs`` (eval mode, no gradients; the model is not changed)."""
-        by_id, tensors, persistent = _tensor_keys(model)
+        by_id, tensors, persistent = tensor_keys(model)
         g = GraphTrace({i: ks for i, ks in by_id.items()}, tensors)
         try:
             out = traced_run(model, example_inputs, g, g.module_stack)
@@ -135,7 +134,7 @@ class NeuralGraph:
             raise
         except Exception as exc:
             raise GraphError(f"running the model on the example inputs failed in {g.where()}: {type(exc).__name__}: {exc}") from exc
-        for t in _flatten(out):
+        for t in flatten_tensors(out):
             f = g.feat.get(id(t))
             if f is not None and g.layers[f.layer].kind not in ("input",):
                 g.layers[f.layer].kind = "output" if g.layers[f.layer].kind in ("linear", "conv", "norm", "sum", "attention") else g.layers[f.layer].kind
