@@ -88,3 +88,26 @@ def test_errors_are_weightspace_errors_and_keep_builtin_bases():
     assert issubclass(checks.InputTypeError, TypeError)
     with pytest.raises(checks.InputTypeError, match="path or string"):
         checks.check_module("model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["permutation_spec", "check_spec", "permute", "NeuralGraph.from_model"])
+def test_symmetry_and_graph_entry_points(name, data):
+    X, _ = data
+    m = _factory()
+    spec = ws.permutation_spec(m, X[:2])
+    calls = {
+        "permutation_spec": lambda mod, x: ws.permutation_spec(mod, x),
+        "check_spec": lambda mod, x: ws.check_spec(mod, spec, x, perturbed=1),
+        "permute": lambda mod, x: ws.permute(mod, spec, ws.random_permutation(spec, seed=0)),
+        "NeuralGraph.from_model": lambda mod, x: ws.NeuralGraph.from_model(mod, x),
+    }
+    call = calls[name]
+    with pytest.raises(checks.InputTypeError, match=r"the class MLP, not a model"):
+        call(zoo.MLP, X[:2])
+    with pytest.raises(checks.InputTypeError, match=r"the function _factory"):
+        call(_factory, X[:2])
+    if name != "permute":
+        with pytest.raises(checks.InputTypeError, match=r"example_inputs is a NumPy array of shape \(2, 8\)"):
+            call(m, X[:2].numpy())
+    call(m, X[:2])  # positive control
+    assert issubclass(ws.SpecError, ws.WeightspaceError) and issubclass(ws.TraceError, ws.WeightspaceError)

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
+from weightspace.checks import check_inputs, check_module
 from weightspace.graph._ir import EdgeBlock, GraphError, Layer, NodeFeature
 from weightspace.graph._trace import GraphTrace
 from weightspace.symmetry import PermutationSpec
@@ -126,6 +127,8 @@ class NeuralGraph:
     @classmethod
     def from_model(cls, model: torch.nn.Module, example_inputs: Any) -> "NeuralGraph":
         """Trace ``model`` once on ``example_inputs`` (eval mode, no gradients; the model is not changed)."""
+        check_module(model, where="NeuralGraph.from_model")
+        check_inputs(example_inputs, where="NeuralGraph.from_model")
         by_id, tensors, persistent = tensor_keys(model)
         g = GraphTrace({i: ks for i, ks in by_id.items()}, tensors)
         try:

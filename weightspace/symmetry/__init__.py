@@ -192,6 +192,8 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
     gives a new dict. Each permuted axis is gathered with ``B'[i] = B[perm[i]]`` (Git Re-Basin's
     convention), structured axes through their product/concat layouts.
     """
+    if not isinstance(obj, Mapping):
+        check_module(obj, "obj", where="permute", expected="an nn.Module or a state dict")
     _check_perms(spec, perms)
     if isinstance(obj, torch.nn.Module):
         own = {k for k, _ in obj.named_parameters(remove_duplicate=False)} | {k for k, _ in obj.named_buffers(remove_duplicate=False)}

@@ -24,10 +24,12 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from weightspace.results import WeightspaceError
+
 __all__ = ["Axis", "PermutationSpec", "SpecError", "Layout"]
 
 
-class SpecError(ValueError):
+class SpecError(WeightspaceError, ValueError):
     """A permutation spec is inconsistent with itself, with a model, or with the permutations given."""
 
 
