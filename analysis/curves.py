@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from weightspace import state as _eval
 from analysis.connectivity import InterpolationCurve, _fn_name, _jsonable, _metric_names
-from weightspace.checks import check_data, check_module
+from weightspace.checks import check_data, check_finite, check_module
 from weightspace.utils import shuffled_batches
 
 log = logging.getLogger(__name__)
@@ -223,6 +223,8 @@ def train_curve(model_a: nn.Module, model_b: nn.Module, data: Any, kind: str = "
     """
     check_module(model_a, "model_a", where="analysis.train_curve")
     check_module(model_b, "model_b", where="analysis.train_curve", allow_state=True)
+    check_finite(model_a, "model_a", where="analysis.train_curve")
+    check_finite(model_b, "model_b", where="analysis.train_curve")
     check_data(data, where="analysis.train_curve")
     if kind not in _CURVES:
         raise ValueError(f"unknown curve kind {kind!r}; use one of {_CURVES}")
