@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from weightspace.tracing import DUNDER_BASE as _DUNDER
 from weightspace.tracing import TracingMode, arg, flatten_tensors, traced_run
+from weightspace.state import bn_affine
+from weightspace.utils import model_device
 
 
 class UnsupportedOperationError(ValueError):
@@ -413,7 +415,7 @@ class _Recipe(TracingMode):
                 "path-norm needs fixed running statistics (train with track_running_stats=True).")
         if not self.is_act(x) or any(self.is_act(t) for t in (mu, var, gamma, beta)):
             raise self.unsupported("'batch_norm' with input-dependent statistics or affine parameters")
-        a, b = _bn_affine(mu, var, gamma, beta, eps)
+        a, b = bn_affine(mu, var, gamma, beta, eps)
         shape = (-1,) + (1,) * (x.dim() - 2)
         aq, bq = a.abs().pow(self.q).reshape(shape), b.abs().pow(self.q).reshape(shape)
         self.counts["batchnorm_folded"] += 1
@@ -506,19 +508,6 @@ class _Recipe(TracingMode):
         return None
 
 
-def _bn_affine(mu, var, gamma, beta, eps: float):
-    """Eval BatchNorm as ``a x + b``: ``a = gamma / sqrt(var + eps)``, ``b = beta - a mu`` (float64)."""
-    f = lambda t: t.detach().to(torch.float64)  # noqa: E731
-    a = 1.0 / torch.sqrt(f(var) + eps)
-    b = -a * f(mu)
-    if gamma is not None:
-        a = f(gamma) * a
-        b = b * f(gamma)
-    if beta is not None:
-        b = f(beta) + b
-    return a, b
-
-
 # ----------------------------------------------------------------------------------------------
 # running the recipe
 # ----------------------------------------------------------------------------------------------
@@ -531,12 +520,6 @@ def _as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
         if t.dim() == 0:
             raise ValueError("example_inputs must have a batch dimension (shape (batch, ...))")
     return tuple(example_inputs)
-
-
-def _model_device(model: nn.Module, example: Sequence[torch.Tensor]) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return example[0].device
 
 
 @dataclass
@@ -571,7 +554,7 @@ def _float64_copy(model: nn.Module, dev: torch.device) -> nn.Module:
 def _run_ones(model: nn.Module, example_inputs, q: float, device=None) -> _Run:
     """Run a float64 eval copy of ``model`` on all-ones inputs (batch 1) under :class:`_Recipe`."""
     ex = _as_inputs(example_inputs)
-    dev = torch.device(device) if device is not None else _model_device(model, ex)
+    dev = torch.device(device) if device is not None else model_device(model, default=ex[0].device)
     net = _float64_copy(model, dev)
     rec = _Recipe(float(q), {id(p) for p in net.parameters()}, dict(net.named_modules()))
     ones = [torch.ones((1,) + tuple(t.shape[1:]), dtype=torch.float64, device=dev) for t in ex]

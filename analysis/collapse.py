@@ -34,14 +34,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from weightspace.checks import check_data, check_model
-from weightspace.utils import iter_batches, module_mode
+from weightspace.features import call_order, capture_labelled
 
 log = logging.getLogger(__name__)
 
@@ -358,72 +358,12 @@ def neural_collapse(features: Any, labels: Any, classifier: ClassifierLike = Non
 
 
 # -------------------------------------------------------------------------------- model capture
-def _first_batch_order(model: nn.Module, data: Any, names: Sequence[str]) -> List[str]:
-    """The named modules in the order they are called (repeats kept) in one eval-mode, no-grad
-    forward over the first batch of ``data``; hooks removed and modes restored in ``finally``."""
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ValueError(f"no module named {missing} in {type(model).__name__}; some valid names: "
-                         f"{[n for n in modules if n][:15]}")
-    order: List[str] = []
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, _n=n: order.append(_n)) for n in names]
-    try:
-        device = next(iter(list(model.parameters()) + list(model.buffers())), torch.empty(0)).device
-        with module_mode(model), torch.no_grad():
-            xb, _ = next(iter(iter_batches(data, device)))
-            model(xb)
-    finally:
-        for hd in handles:
-            hd.remove()
-    return order
-
-
-def _capture(model: nn.Module, data: Any, points: Sequence[str], at: str = "output", *,
-             need_inputs: bool = False) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
-    """Activations at ``points`` (flattened to ``(N, -1)``), the labels and optionally the inputs, all from
-    *one* pass over ``data`` (so a shuffling DataLoader stays aligned), via the shared
-    :func:`weightspace.features.capture` (eval mode, no grad, hooks removed and modes restored).
-
-    The inputs are captured as the output of an ``nn.Identity`` placed in front of the model in a
-    throw-away ``nn.Sequential`` wrapper (the user's model is only referenced, never changed).
-    A module called more than once per forward (a reused activation) raises: its activations would
-    be ambiguous.
-    """
-    from weightspace.features import capture
-
-    points = list(dict.fromkeys(points))
-    order = _first_batch_order(model, data, points)
-    bad = {n: order.count(n) for n in points if order.count(n) != 1}
-    if bad:
-        raise ValueError(f"modules {bad} are called that many times per forward (need exactly 1): a reused or "
-                         "unused module has no single activation; give each use its own module or pick others")
-    if need_inputs:
-        wrapper = nn.Sequential(nn.Identity(), model)
-        names = ["0"] + [f"1.{p}" if p else "1" for p in points]
-        acts, y = capture(wrapper, data, names, at=at, return_targets=True)
-        x = acts.pop("0")
-        acts = {p: acts[n] for p, n in zip(points, names[1:])}
-    else:
-        acts, y = capture(model, data, points, at=at, return_targets=True)
-        x = None
-    if y is None:
-        raise ValueError("data yielded inputs without labels; pass (X, Y) pairs or (x, y) batches")
-    y = y.reshape(-1)
-    feats = {k: v.reshape(v.shape[0], -1) for k, v in acts.items()}
-    for k, v in feats.items():
-        if v.shape[0] != y.shape[0]:
-            raise ValueError(f"layer {k!r} gave {v.shape[0]} rows for {y.shape[0]} labels; pick a layer whose "
-                             "activation has one row per sample")
-    return feats, y, (x.reshape(x.shape[0], -1) if x is not None else None)
-
-
 def _last_linear(model: nn.Module, data: Any) -> str:
     """Name of the last ``nn.Linear`` *called* in a forward pass over the first batch."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("layer='auto' needs an nn.Linear classifier in the model; pass layer=<module name>")
-    order = _first_batch_order(model, data, linears)
+    order = call_order(model, data, linears)
     if not order:
         raise ValueError("no nn.Linear was called in the forward pass; pass layer=<module name>")
     return order[-1]
@@ -463,10 +403,10 @@ def neural_collapse_of(model: nn.Module, data: Any, layer: str = "auto", *, at: 
     where = ("input" if isinstance(mod, nn.Linear) else "output") if at == "auto" else at
     if classifier == "auto":
         classifier = mod if (isinstance(mod, nn.Linear) and where == "input") else None
-    feats, y, _ = _capture(model, data, [name], where)
+    feats, y, _ = capture_labelled(model, data, [name], where)
     tf = tl = None
     if test_data is not None:
-        tfeats, tl, _ = _capture(model, test_data, [name], where)
+        tfeats, tl, _ = capture_labelled(model, test_data, [name], where)
         tf = tfeats[name]
     return neural_collapse(feats[name], y, classifier, test_features=tf, test_labels=tl, **options)
 

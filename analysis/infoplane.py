@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from analysis import _mi
-from analysis.collapse import _capture
 from weightspace.checks import check_data, check_model
+from weightspace.features import capture_labelled
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def information_plane(model: nn.Module, data: Any, layers: Optional[Sequence[str
         opts = _options(estimator, options)
     scale = _scale(units)
     points = _default_layers(model) if layers is None else [str(n) for n in layers]
-    feats, y, x = _capture(model, data, points, "output", need_inputs=True)
+    feats, y, x = capture_labelled(model, data, points, "output", need_inputs=True)
     modules = dict(model.named_modules())
     xa = _mi.as_2d(x, "inputs")
     ya = _mi.as_2d(y, "labels")

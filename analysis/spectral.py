@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from weightspace.checks import check_data, check_model
-from weightspace.tracing import TracingMode, flatten_tensors, traced_run
+from weightspace.state import fold_batchnorm
 from weightspace.utils import iter_batches, model_device, module_mode
 
 log = logging.getLogger(__name__)
@@ -333,80 +333,23 @@ class NormMeasures:
         return d
 
 
-class _BNPairs(TracingMode):
-    """Records, during one eager run, which Linear/Conv output each BatchNorm normalises and how
-    often every tensor is consumed (a layer folds only when the BatchNorm is its sole consumer)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: List[str] = []
-        self.producer: Dict[int, str] = {}
-        self.uses: Dict[int, int] = {}
-        self.pairs: List[Tuple[int, str, str]] = []  # (id of the normalised tensor, layer, bn)
-        self._keep: List[torch.Tensor] = []
-
-    def handle(self, name, func, args, kwargs):  # shape queries (IGNORE) never get here: not consumers
-        out = func(*args, **kwargs)
-        for t in flatten_tensors((args, kwargs, out)):
-            if torch.is_tensor(t):
-                self._keep.append(t)  # alive for the whole run, so no id is reused by a later tensor
-        for t in flatten_tensors((args, kwargs)):
-            if torch.is_tensor(t):
-                self.uses[id(t)] = self.uses.get(id(t), 0) + 1
-        here = self.stack[-1] if self.stack else ""
-        if name in ("linear", "conv1d", "conv2d", "conv3d") and torch.is_tensor(out):
-            self.producer[id(out)] = here
-        elif name == "batch_norm" and torch.is_tensor(args[0]) and id(args[0]) in self.producer:
-            self.pairs.append((id(args[0]), self.producer[id(args[0])], here))
-        return out
-
-
-def _bn_scales(model: nn.Module, example=None) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Map layer name -> per-output-row BN scale ``gamma/sqrt(var+eps)`` for a BN directly after it.
-
-    With an example batch the pairs come from one eager run (any Python control flow works); without
-    one, from a ``torch.fx`` trace of the module graph.
-    """
-    modules = dict(model.named_modules())
-    found: List[Tuple[str, str]] = []
-    if example is not None:
-        rec = _BNPairs()
-        try:
-            traced_run(model, example, rec, rec.stack)
-        except Exception as exc:  # noqa: BLE001
-            return {}, f"not folded: the model did not run on the first data batch ({type(exc).__name__})"
-        found = [(layer, bn) for tid, layer, bn in rec.pairs if rec.uses.get(tid, 0) == 1]
-    else:
-        try:
-            gm = torch.fx.symbolic_trace(model)
-        except Exception as exc:  # noqa: BLE001
-            return {}, f"not folded: no data to run the model on, and torch.fx could not trace it ({type(exc).__name__})"
-        for node in gm.graph.nodes:
-            src = node.args[0] if node.op == "call_module" and node.args else None
-            if isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1:
-                found.append((str(src.target), str(node.target)))
-    scales = {}
-    for layer_name, bn_name in found:
-        layer, bn = modules.get(layer_name), modules.get(bn_name)
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
-            continue
-        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            a = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-            if bn.affine:
-                a = a * bn.weight.detach().double()
-            scales[layer_name] = a
-    return scales, f"folded {len(scales)} BatchNorm layer(s) into the preceding Linear/Conv"
+def _folded(model: nn.Module, example=None) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Layer name -> its weight with the BatchNorm after it folded in, and a note for the result."""
+    try:
+        folded = fold_batchnorm(model, example)
+    except RuntimeError as exc:
+        return {}, f"not folded: {exc}"
+    return ({k: W for k, (W, _) in folded.items()},
+            f"folded {len(folded)} BatchNorm layer(s) into the preceding Linear/Conv")
 
 
 def _matrices(model: nn.Module, fold_bn: bool, example=None):
-    scales, note = _bn_scales(model, example) if fold_bn else ({}, "not folded (fold_bn=False)")
+    folded, note = _folded(model, example) if fold_bn else ({}, "not folded (fold_bn=False)")
     mats = {}
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            W = m.weight.detach().double().reshape(m.weight.shape[0], -1)
-            if name in scales:
-                W = scales[name].to(W.device)[:, None] * W
-            mats[name] = W
+            W = folded[name] if name in folded else m.weight.detach().double()
+            mats[name] = W.reshape(W.shape[0], -1)
     return mats, note
 
 

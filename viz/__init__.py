@@ -1,7 +1,7 @@
 """viz: Plotly figures and self-contained HTML reports (imports result types only).
 
 >>> import viz                                                            # doctest: +SKIP
->>> viz.Report("LMC").add(viz.barrier_figure(curve)).write("report.html")  # offline, self-contained
+>>> viz.Report("LMC").add(viz.barrier_figure(curve)).write("report.html")  # doctest: +SKIP
 """
 from weightspace.lazy import lazy_dir, lazy_getattr
 

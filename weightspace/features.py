@@ -36,11 +36,11 @@ import torch
 import torch.nn as nn
 
 from weightspace.checks import NonFiniteError, check_data, check_model, check_module
-from weightspace.utils import iter_batches, model_device, resolve_device
+from weightspace.utils import call_model, iter_batches, model_device, module_mode, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "activation_stats", "cross_stats", "FeatureStats", "CrossStats", "resolve_points",
+__all__ = ["capture", "capture_labelled", "call_order", "activation_stats", "cross_stats", "FeatureStats", "CrossStats", "resolve_points",
            "StreamingMoments", "group_points"]
 
 Points = Union[str, Sequence[str]]
@@ -236,7 +236,6 @@ def _on_device(model: nn.Module, device: Any) -> Tuple[nn.Module, torch.device]:
 def _hooked(model: nn.Module, modules: Dict[str, nn.Module], at: str, sink: Dict[str, torch.Tensor]) -> Iterator[None]:
     if at not in ("output", "input"):
         raise ValueError(f"at must be 'output' or 'input', got {at!r}")
-    modes = {m: m.training for m in model.modules()}
     handles = []
     try:
         for name, mod in modules.items():
@@ -249,22 +248,11 @@ def _hooked(model: nn.Module, modules: Dict[str, nn.Module], at: str, sink: Dict
                         raise TypeError(f"point {name!r} got no positional input; use at='output'")
                     sink[name] = _first_tensor(args[0], name)
                 handles.append(mod.register_forward_pre_hook(pre))
-        model.eval()
-        yield
+        with module_mode(model):
+            yield
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
-
-
-def _run(model: nn.Module, x: Any) -> None:
-    if isinstance(x, (tuple, list)):
-        model(*x)
-    elif isinstance(x, Mapping):
-        model(**x)
-    else:
-        model(x)
 
 
 def _feature_dim(spec: FeatureDim, name: str, module: nn.Module, t: torch.Tensor) -> int:
@@ -320,7 +308,7 @@ def capture(model: nn.Module, data: Any, points: Points, *, at: str = "output", 
     with _hooked(run_model, modules, at, sink):
         for x, y in _batches(data, dev, max_batches):
             sink.clear()
-            _run(run_model, x)
+            call_model(run_model, x)
             for n in modules:
                 if n not in sink:
                     raise RuntimeError(f"point {n!r} was not reached by the forward pass")
@@ -355,7 +343,7 @@ def activation_stats(model: nn.Module, data: Any, points: Points, *, at: str = "
     with _hooked(run_model, modules, at, sink):
         for x, _ in _batches(data, dev, max_batches):
             sink.clear()
-            _run(run_model, x)
+            call_model(run_model, x)
             for n, mod in modules.items():
                 if n not in sink:
                     raise RuntimeError(f"point {n!r} was not reached by the forward pass")
@@ -408,8 +396,8 @@ def cross_stats(model_a: nn.Module, model_b: nn.Module, data: Any, points_a: Poi
         for x, _ in _batches(data, dev, max_batches):
             sink_a.clear()
             sink_b.clear()
-            _run(run_a, x)
-            _run(run_b, x)
+            call_model(run_a, x)
+            call_model(run_b, x)
             for na, nb in zip(names_a, names_b):
                 if na not in sink_a or nb not in sink_b:
                     raise RuntimeError(f"point {na!r}/{nb!r} was not reached by the forward pass")
@@ -438,3 +426,61 @@ def cross_stats(model_a: nn.Module, model_b: nn.Module, data: Any, points_a: Poi
                              cov_ab=cov_ab, std_a=std_a.clone(), std_b=std_b.clone(), corr=corr, eps=float(eps),
                              ddof=int(ddof), feature_dim_a=dims[na][0], feature_dim_b=dims[na][1], at=at)
     return out
+
+
+# ------------------------------------------------------------- labelled capture (analysis)
+def call_order(model: nn.Module, data: Any, names: Sequence[str]) -> List[str]:
+    """The named modules in the order they are called (repeats kept) in one eval-mode, no-grad
+    forward over the first batch of ``data``; hooks removed and modes restored in ``finally``."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"no module named {missing} in {type(model).__name__}; some valid names: "
+                         f"{[n for n in modules if n][:15]}")
+    order: List[str] = []
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, _n=n: order.append(_n)) for n in names]
+    try:
+        with module_mode(model), torch.no_grad():
+            xb, _ = next(iter(iter_batches(data, model_device(model))))
+            call_model(model, xb)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return order
+
+
+def capture_labelled(model: nn.Module, data: Any, points: Sequence[str], at: str = "output", *,
+             need_inputs: bool = False) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """Activations at ``points`` (flattened to ``(N, -1)``), the labels and optionally the inputs, all from
+    *one* pass over ``data`` (so a shuffling DataLoader stays aligned), via the shared
+    :func:`capture` (eval mode, no grad, hooks removed and modes restored).
+
+    The inputs are captured as the output of an ``nn.Identity`` placed in front of the model in a
+    throw-away ``nn.Sequential`` wrapper (the user's model is only referenced, never changed).
+    A module called more than once per forward (a reused activation) raises: its activations would
+    be ambiguous.
+    """
+    points = list(dict.fromkeys(points))
+    order = call_order(model, data, points)
+    bad = {n: order.count(n) for n in points if order.count(n) != 1}
+    if bad:
+        raise ValueError(f"modules {bad} are called that many times per forward (need exactly 1): a reused or "
+                         "unused module has no single activation; give each use its own module or pick others")
+    if need_inputs:
+        wrapper = nn.Sequential(nn.Identity(), model)
+        names = ["0"] + [f"1.{p}" if p else "1" for p in points]
+        acts, y = capture(wrapper, data, names, at=at, return_targets=True)
+        x = acts.pop("0")
+        acts = {p: acts[n] for p, n in zip(points, names[1:])}
+    else:
+        acts, y = capture(model, data, points, at=at, return_targets=True)
+        x = None
+    if y is None:
+        raise ValueError("data yielded inputs without labels; pass (X, Y) pairs or (x, y) batches")
+    y = y.reshape(-1)
+    feats = {k: v.reshape(v.shape[0], -1) for k, v in acts.items()}
+    for k, v in feats.items():
+        if v.shape[0] != y.shape[0]:
+            raise ValueError(f"layer {k!r} gave {v.shape[0]} rows for {y.shape[0]} labels; pick a layer whose "
+                             "activation has one row per sample")
+    return feats, y, (x.reshape(x.shape[0], -1) if x is not None else None)

@@ -11,6 +11,8 @@ Public API (shared by ``merging`` and ``analysis``: connectivity, curves, landsc
 * :func:`state_of`, :func:`as_state`, :func:`check_compatible`, :func:`check_finite` — states;
 * :func:`combine` — one point ``sum_j c_j * bases[j]`` of a linear family of states;
 * :func:`has_batchnorm`, :func:`recalibrate_bn` — BatchNorm statistics recomputed functionally;
+* :func:`bn_affine`, :func:`batchnorm_pairs`, :func:`fold_batchnorm` — eval BatchNorm as an affine map
+  and folded into the Linear/Conv before it (used by path-norms and norm-based measures);
 * :func:`evaluate` — one state on one dataset -> ``{metric: float}``;
 * :func:`evaluate_states`, :func:`evaluate_combinations` — many points, all splits, batched with
   :func:`torch.func.vmap` over stacked parameters where possible -> ``{split: {metric: (K,) array}}``;
@@ -39,7 +41,8 @@ from torch.func import functional_call, vmap
 
 from weightspace.checks import check_data, check_module
 from weightspace.checks import check_finite as _check_finite
-from weightspace.utils import iter_batches, resolve_device
+from weightspace.tracing import TracingMode, flatten_tensors, traced_run
+from weightspace.utils import iter_batches, model_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ Progress = Optional[Callable[[int, int], None]]
 __all__ = [
     "state_of", "param_keys", "as_state", "check_compatible", "check_finite", "combine", "has_batchnorm",
     "batchnorm_keys", "recalibrate_bn", "evaluate", "evaluate_states", "evaluate_combinations",
-    "normalize_splits", "normalize_metrics", "resolve_recalibration",
+    "normalize_splits", "normalize_metrics", "resolve_recalibration", "bn_affine", "batchnorm_pairs",
+    "fold_batchnorm",
 ]
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -189,6 +193,115 @@ def resolve_recalibration(recalibrate_bn: Union[bool, str, None], model: nn.Modu
     if recalibrate_bn in (False, None, "none"):
         return False
     raise ValueError(f"recalibrate_bn must be 'auto', True/'reset' or False/'none', got {recalibrate_bn!r}")
+
+
+def bn_affine(running_mean: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor] = None,
+              bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as the per-channel affine map ``y = a * x + b`` (float64, detached):
+    ``a = gamma / sqrt(var + eps)``, ``b = beta - a * mu`` (``gamma = 1``, ``beta = 0`` without affine).
+
+    >>> mu, var, gamma, beta = torch.full((3,), 0.5), torch.full((3,), 4.0), torch.full((3,), 2.0), torch.zeros(3)
+    >>> a, b = bn_affine(mu, var, gamma, beta, eps=0.0)
+    >>> a.tolist(), b.tolist()
+    ([1.0, 1.0, 1.0], [-0.5, -0.5, -0.5])
+    """
+    f = lambda t: t.detach().to(torch.float64)  # noqa: E731
+    a = 1.0 / torch.sqrt(f(running_var) + eps)
+    b = -a * f(running_mean)
+    if weight is not None:
+        a = f(weight) * a
+        b = b * f(weight)
+    if bias is not None:
+        b = f(bias) + b
+    return a, b
+
+
+_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def batchnorm_pairs(model: nn.Module, example_inputs: Any = None) -> List[Tuple[str, str]]:
+    """``(layer, bn)`` module names where an eval BatchNorm (with running statistics) normalises the
+    output of a Linear/Conv{1,2,3}d and is that output's *only* consumer, so that folding is exact.
+
+    With ``example_inputs`` the pairs come from one eager run under a :class:`weightspace.tracing.TracingMode`
+    (any Python control flow works, functional calls included); without, from a ``torch.fx`` trace of
+    the module graph. Raises :class:`RuntimeError` naming the cause when neither can follow the model.
+    """
+    modules = dict(model.named_modules())
+    found: List[Tuple[str, str]] = []
+    if example_inputs is not None:
+        rec = _BNPairs()
+        try:
+            traced_run(model, example_inputs, rec, rec.stack)
+        except Exception as exc:
+            raise RuntimeError(f"the model did not run on the example inputs ({type(exc).__name__}: {exc})") from exc
+        found = [(layer, bn) for tid, layer, bn in rec.pairs if rec.uses.get(tid, 0) == 1]
+    else:
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as exc:
+            raise RuntimeError(f"no example inputs to run the model on, and torch.fx could not trace it "
+                               f"({type(exc).__name__}); pass example_inputs") from exc
+        for node in gm.graph.nodes:
+            src = node.args[0] if node.op == "call_module" and node.args else None
+            if isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1:
+                found.append((str(src.target), str(node.target)))
+    return [(layer, bn) for layer, bn in found
+            if isinstance(modules.get(layer), _FOLDABLE) and isinstance(modules.get(bn), _BN)
+            and modules[bn].running_var is not None]
+
+
+def fold_batchnorm(model: nn.Module, example_inputs: Any = None) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Weights and biases of every Linear/Conv with a BatchNorm folded in (float64; the model is not
+    changed): ``W' = diag(a) W``, ``c' = a * c + b`` with ``(a, b)`` from :func:`bn_affine`, so that
+    ``bn(layer(x)) == layer'(x)`` in eval mode. Keys are the layers' names; pairs from
+    :func:`batchnorm_pairs` (see there for ``example_inputs``).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    >>> m[1].running_var.copy_(torch.rand(3, generator=g) + 0.5).shape
+    torch.Size([3])
+    >>> W, c = fold_batchnorm(m)["0"]
+    >>> x = torch.randn(5, 4, generator=g)
+    >>> torch.allclose((x.double() @ W.T + c).float(), m(x), atol=1e-6)
+    True
+    """
+    modules = dict(model.named_modules())
+    out: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer_name, bn_name in batchnorm_pairs(model, example_inputs):
+        layer, bn = modules[layer_name], modules[bn_name]
+        a, b = bn_affine(bn.running_mean, bn.running_var, bn.weight if bn.affine else None,
+                         bn.bias if bn.affine else None, bn.eps)
+        W = layer.weight.detach().double()
+        c = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(a)
+        out[layer_name] = (a.reshape((-1,) + (1,) * (W.dim() - 1)) * W, a * c + b)
+    return out
+
+
+class _BNPairs(TracingMode):
+    """Records, during one eager run, which Linear/Conv output each BatchNorm normalises and how
+    often every tensor is consumed (a layer folds only when the BatchNorm is its sole consumer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: List[str] = []
+        self.producer: Dict[int, str] = {}
+        self.uses: Dict[int, int] = {}
+        self.pairs: List[Tuple[int, str, str]] = []  # (id of the normalised tensor, layer, bn)
+        self._keep: List[torch.Tensor] = []
+
+    def handle(self, name, func, args, kwargs):  # shape queries (IGNORE) never get here: not consumers
+        out = func(*args, **kwargs)
+        for t in flatten_tensors((args, kwargs, out)):
+            self._keep.append(t)  # alive for the whole run, so no id is reused by a later tensor
+        for t in flatten_tensors((args, kwargs)):
+            self.uses[id(t)] = self.uses.get(id(t), 0) + 1
+        here = self.stack[-1] if self.stack else ""
+        if name in ("linear", "conv1d", "conv2d", "conv3d") and torch.is_tensor(out):
+            self.producer[id(out)] = here
+        elif name == "batch_norm" and torch.is_tensor(args[0]) and id(args[0]) in self.producer:
+            self.pairs.append((id(args[0]), self.producer[id(args[0])], here))
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,12 +471,6 @@ def _skeleton(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 class _Points:
     """K points of a linear family ``theta_k = sum_j coeffs[k, j] * bases[j]`` or an explicit list."""
 
@@ -418,7 +525,7 @@ class _Evaluator:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.device = _model_device(model) if device is None else resolve_device(device)
+        self.device = model_device(model) if device is None else resolve_device(device)
         self.metrics = normalize_metrics(metrics)
         self.loss_fn = loss_fn
         self.skel = _skeleton(model)

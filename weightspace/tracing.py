@@ -42,11 +42,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from weightspace.utils import module_mode
+from weightspace.utils import call_model, module_mode
 
 
 __all__ = [
-    "TracingMode", "Unsupported", "traced_run", "call_model", "tensor_keys", "op_name", "op_category",
+    "TracingMode", "Unsupported", "traced_run", "tensor_keys", "op_name", "op_category",
     "flatten_tensors", "arg", "norm_dim", "dims_arg", "permute_order", "expand_index", "mha_args", "MHA_ARGS",
     "UNARY", "BINARY", "REDUCE", "POOL", "RESHAPE", "NEUTRAL_LIKE", "NEUTRAL_NEW", "IGNORE", "DUNDER_BASE",
 ]
@@ -254,15 +254,6 @@ def tensor_keys(model: torch.nn.Module) -> Tuple[Dict[int, List[str]], Dict[str,
         tensors[k] = t
     persistent = set(model.state_dict(keep_vars=True).keys())
     return by_id, tensors, persistent
-
-
-def call_model(model: torch.nn.Module, example_inputs: Any) -> Any:
-    """``model(**x)`` for a dict, ``model(*x)`` for a tuple or list, else ``model(x)``."""
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 def traced_run(model: torch.nn.Module, example_inputs: Any, mode: TorchFunctionMode, stack: List[str], on_output=None) -> Any:

@@ -1,8 +1,11 @@
-"""Small shared helpers: device resolution and batch iteration over the data forms users pass."""
+"""Shared helpers of every package: device resolution (:func:`resolve_device`, :func:`model_device`), batch
+iteration over the data forms users pass (:func:`iter_batches`, :func:`shuffled_batches`), calling a model on
+its inputs (:func:`call_model`) and switching train/eval mode for a block (:func:`module_mode`)."""
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from typing import Any, Iterator, Optional, Tuple, Union
 
 import torch
@@ -45,13 +48,28 @@ def module_mode(model: torch.nn.Module, training: bool = False) -> Iterator[torc
             m.training = flag
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of a module's first parameter (or buffer); CPU for a module without tensors."""
+def model_device(model: torch.nn.Module, default: DeviceLike = None) -> torch.device:
+    """The device of a module's first parameter (or buffer); ``default`` (CPU when ``None``) for a
+    module without tensors.
+
+    >>> model_device(torch.nn.Linear(2, 2)), model_device(torch.nn.ReLU())
+    (device(type='cpu'), device(type='cpu'))
+    """
     for t in model.parameters():
         return t.device
     for t in model.buffers():
         return t.device
-    return torch.device("cpu")
+    return torch.device(default) if default is not None else torch.device("cpu")
+
+
+def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple or list, else ``model(inputs)``:
+    the one convention for the ``example_inputs`` and batches the toolkit passes to a model."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
 
 
 def _to(obj: Any, device: Optional[torch.device]) -> Any:

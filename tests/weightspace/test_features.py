@@ -194,3 +194,24 @@ def test_group_points_recover_a_planted_permutation():
             assert np.allclose(corr[rows, cols], 1.0, atol=1e-3)  # corr = cov / (std std^T + eps)
     with pytest.raises(ValueError, match="which"):
         ws.features.group_points(spec, which="middle")
+
+
+def test_capture_labelled_aligns_inputs_labels_and_activations_and_rejects_reused_modules():
+    import torch
+    import torch.nn as nn
+
+    from weightspace.features import call_order, capture_labelled
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    X, Y = torch.randn(10, 4), torch.arange(10) % 2
+    batches = [(X[:6], Y[:6]), (X[6:], Y[6:])]
+    feats, y, x = capture_labelled(model, batches, ["0", "1"], need_inputs=True)
+    assert torch.equal(x, X) and torch.equal(y, Y)
+    with torch.no_grad():
+        assert torch.allclose(feats["0"], model[0](X)) and torch.allclose(feats["1"], model[1](model[0](X)))
+    relu = nn.ReLU()
+    reused = nn.Sequential(nn.Linear(4, 4), relu, nn.Linear(4, 4), relu)
+    assert call_order(reused, (X, Y), ["1", "2"]) == ["1", "2", "1"]
+    with pytest.raises(ValueError, match="called that many times"):
+        capture_labelled(reused, (X, Y), ["1"])

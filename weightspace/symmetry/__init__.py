@@ -19,7 +19,8 @@ import torch
 from weightspace.checks import check_inputs, check_module
 from weightspace.symmetry._spec import Axis, PermutationSpec, SpecError
 from weightspace.symmetry._trace import TraceError, trace_dims
-from weightspace.tracing import MHA_ARGS, TracingMode, call_model, flatten_tensors
+from weightspace.tracing import MHA_ARGS, TracingMode, flatten_tensors
+from weightspace.utils import call_model
 
 log = logging.getLogger(__name__)
 

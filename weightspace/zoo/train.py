@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weightspace.checks import check_data, check_module
-from weightspace.utils import iter_batches, model_device, resolve_device, shuffled_batches
+from weightspace.utils import iter_batches, model_device, module_mode, resolve_device, shuffled_batches
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,6 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
 
     dev = resolve_device(device)
     home = model_device(model)
-    modes = {m: m.training for m in model.modules()}
     loss_fn = loss_fn or F.cross_entropy
     settings = dict(epochs=int(epochs), lr=float(lr), optimizer=opt_name, weight_decay=float(weight_decay),
                     momentum=float(momentum) if opt_name == "sgd" else None, batch_size=int(batch_size),
@@ -136,7 +135,7 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
     gen = torch.Generator().manual_seed(int(seed))
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices):
+        with module_mode(model, training=True), torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(int(seed))
             model.to(dev)
             if opt_name == "sgd":
@@ -178,9 +177,7 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
                 history.append(rec)
                 log.debug("epoch %d: %s", epoch, rec)
     finally:
-        model.to(home)
-        for m, mode in modes.items():
-            m.train(mode)
+        model.to(home)  # module_mode has restored every submodule's train/eval flag
     last = history[-1]
     return TrainResult(train_loss=last.train_loss, test_loss=last.test_loss, test_accuracy=last.test_accuracy,
                        history=tuple(history), seconds=time.perf_counter() - t0, settings=settings)
@@ -218,10 +215,8 @@ def evaluate(model: nn.Module, data: Any, *, device: Any = None, batch_size: int
         if X.shape[0] == 0:
             raise ValueError("data is empty: the input tensor has 0 rows")
         data = [(X[i:i + batch_size], Y[i:i + batch_size]) for i in range(0, X.shape[0], batch_size)]
-    modes = {m: m.training for m in model.modules()}
     tot_loss, tot_correct, tot_n = 0.0, 0, 0
-    try:
-        model.eval()
+    with module_mode(model):
         for x, y in iter_batches(data, dev):
             logits = model(x)
             _check_targets(logits, y)
@@ -229,9 +224,6 @@ def evaluate(model: nn.Module, data: Any, *, device: Any = None, batch_size: int
             tot_loss += float(loss_fn(logits, y)) * n
             tot_correct += int((logits.argmax(1) == y).sum())
             tot_n += n
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
     if tot_n == 0:
         raise ValueError("data is empty: no labelled samples to evaluate")
     return tot_loss / tot_n, tot_correct / tot_n
