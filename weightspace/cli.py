@@ -110,7 +110,8 @@ def cmd_spec(args) -> int:
     print(f"\n{len(spec.groups)} permutation groups found in {took:.2f} s")
     if args.check:
         report = ws.check_spec(model, spec, x, trials=args.trials)
-        print("check_spec: largest relative output change " + ", ".join(f"{m} {d:.2e}" for m, d in report.max_rel_diff.items()))
+        print(f"check_spec ({len(report.inputs)} inputs: the example and {len(report.inputs) - 1} perturbed copies): "
+              "largest relative output change " + ", ".join(f"{m} {d:.2e}" for m, d in report.max_rel_diff.items()))
     if out is not None:
         _, a2p = spec.to_rebasin()
         atomic_write(out, json.dumps({"groups": dict(spec.groups), "axes_to_perm": a2p}, indent=1) + "\n",
