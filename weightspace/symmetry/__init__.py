@@ -348,10 +348,9 @@ def check_spec(
         check_inputs(x, f"inputs[{i}]", where="check_spec")
         cases.append((f"inputs[{i}]", x))
     base = copy.deepcopy(model)
-    models = [permute(base, spec, random_permutation(spec, seed + t)) for t in range(int(trials))]
     worst: Dict[str, float] = {}
     by_input: Dict[str, float] = {}
-    checked: List[str] = []
+    refs: List[Tuple[int, str, Any, Dict[str, list]]] = []
     for ci, (label, x) in enumerate(cases):
         ref = {}
         for mode in modes:
@@ -359,19 +358,25 @@ def check_spec(
                 ref[mode] = _outputs(base, x, mode == "train")
             except Exception as exc:  # e.g. BatchNorm in train mode on a batch of one
                 log.warning("check_spec: skipping %s mode on %s, the model does not run in it there (%s)", mode, label, exc)
-        if not ref:
-            if ci == 0:
-                raise TraceError("check_spec: the model runs in none of the requested modes on the example inputs")
-            continue
-        checked.append(label)
+        if ref:
+            refs.append((ci, label, x, ref))
+        elif ci == 0:
+            raise TraceError("check_spec: the model runs in none of the requested modes on the example inputs")
+    n = int(trials)
+    for t in range(n):  # one permuted copy alive at a time
+        mp = permute(base, spec, random_permutation(spec, seed + t))
         # every permutation on the example inputs; one permutation (in turn) on each other input
-        for t in (range(len(models)) if ci == 0 else [(ci - 1) % len(models)]):
+        for ci, label, x, ref in refs:
+            if ci > 0 and (ci - 1) % n != t:
+                continue
             for mode in ref:
-                d = _rel_diff(ref[mode], _outputs(models[t], x, mode == "train"))
+                d = _rel_diff(ref[mode], _outputs(mp, x, mode == "train"))
                 worst[mode] = max(worst.get(mode, 0.0), d)
                 by_input[label] = max(by_input.get(label, 0.0), d)
                 if d > rtol:
                     _fail(base, spec, x, label, ref, mode, d, seed + t, rtol, ci)
+        del mp
+    checked = [label for _, label, _, _ in refs]
     return SpecCheck(max_rel_diff=dict(worst), trials=int(trials), modes=tuple(m for m in modes if m in worst),
                      inputs=tuple(checked), max_rel_diff_by_input=by_input, seed=int(seed))
 
