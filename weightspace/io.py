@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from weightspace.results import WeightspaceError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["save_state_dict", "load_state_dict", "read_metadata", "resolve_factory", "build_model",
@@ -42,7 +44,7 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _ORDER_KEY = "__weightspace_key_order__"  # safetensors sorts keys; the original order rides in the header
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightspaceError, ValueError):
     """A checkpoint file could not be read or written safely (the message names the file)."""
 
 
@@ -222,7 +224,8 @@ def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_state_dict(path: PathLike, map_location: Any = "cpu", *, check_finite: bool = False) -> Dict[str, torch.Tensor]:
+def load_state_dict(path: PathLike, map_location: Any = "cpu", *,
+                    check_finite: bool = False) -> Dict[str, torch.Tensor]:
     """Load a state dict from a safetensors or ``torch.save`` file, safely.
 
     The format is detected from the file's first bytes. Pickles are read with
@@ -340,7 +343,8 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def load_into(model: nn.Module, state_dict: Union[PathLike, Mapping[str, torch.Tensor]], strict: bool = True) -> nn.Module:
+def load_into(model: nn.Module, state_dict: Union[PathLike, Mapping[str, torch.Tensor]],
+              strict: bool = True) -> nn.Module:
     """Return a NEW copy of ``model`` holding the weights of ``state_dict`` (a mapping or a path).
 
     ``model`` itself is untouched. Missing and unexpected keys raise ``ValueError`` listing them

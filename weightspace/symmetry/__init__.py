@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from weightspace.results import Result
 from weightspace.symmetry._spec import Axis, PermutationSpec, SpecError
 from weightspace.symmetry._trace import TraceError, trace_dims
 from weightspace.tracing import MHA_ARGS, TracingMode, flatten_tensors
@@ -127,7 +128,8 @@ def _check_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> No
             raise SpecError(f"no permutation given for group {name!r} (size {n}); pass one for every group of the spec")
         p = perms[name]
         if not torch.is_tensor(p) or p.dim() != 1 or p.numel() != n:
-            raise SpecError(f"permutation for group {name!r} must be a 1-D LongTensor of size {n}, got {getattr(p, 'shape', type(p))}")
+            raise SpecError(f"permutation for group {name!r} must be a 1-D LongTensor of size {n}, got "
+                            f"{getattr(p, 'shape', type(p))}")
         if not torch.equal(torch.sort(p.cpu()).values, torch.arange(n)):
             raise SpecError(f"the tensor given for group {name!r} is not a permutation of 0..{n - 1}")
     extra = set(perms) - set(spec.groups)
@@ -160,7 +162,8 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
         new = copy.deepcopy(obj)
         done = set()
         with torch.no_grad():
-            for key, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False)):
+            named = list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False))
+            for key, t in named:
                 if t is None or id(t) in done or key not in spec.axes:
                     continue
                 done.add(id(t))
@@ -171,20 +174,24 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
     optional = set(spec.info.get("non_persistent", ()))
     missing = [k for k in spec.permuted_keys() if k not in obj and k not in optional]
     if missing:
-        raise SpecError(f"the state dict lacks keys that the spec permutes: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return {k: (_permute_tensor(v, spec.axes[k], perms, k) if k in spec.axes and torch.is_tensor(v) else v) for k, v in obj.items()}
+        raise SpecError("the state dict lacks keys that the spec permutes: "
+                        f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return {k: (_permute_tensor(v, spec.axes[k], perms,
+                                k) if k in spec.axes and torch.is_tensor(v) else v) for k, v in obj.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # numerical check
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SpecCheck:
+class SpecCheck(Result):
     """Outcome of :func:`check_spec`: the largest relative output change seen per mode."""
 
     max_rel_diff: Mapping[str, float]
     trials: int
     modes: Tuple[str, ...]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
 
 
 class _NoDropout(TracingMode):
@@ -213,7 +220,8 @@ def _outputs(model: torch.nn.Module, example_inputs: Any, train: bool) -> list:
         model = copy.deepcopy(model)
     model.train(train)
     with torch.no_grad(), _NoDropout():
-        return [t.detach().double() for t in flatten_tensors(call_model(model, example_inputs)) if torch.is_tensor(t) and t.is_floating_point()]
+        outs = flatten_tensors(call_model(model, example_inputs))
+        return [t.detach().double() for t in outs if torch.is_tensor(t) and t.is_floating_point()]
 
 
 def _rel_diff(a: list, b: list) -> float:
@@ -242,9 +250,11 @@ def check_spec(
     culprits, and :class:`SpecError` names them with the keys and axes they act on.
     The user's model is not modified (copies are run).
     """
-    unknown = set(spec.axes) - {k for k, _ in model.named_parameters(remove_duplicate=False)} - {k for k, _ in model.named_buffers(remove_duplicate=False)}
+    unknown = (set(spec.axes) - {k for k, _ in model.named_parameters(remove_duplicate=False)}
+               - {k for k, _ in model.named_buffers(remove_duplicate=False)})
     if unknown:
-        raise SpecError(f"the spec names keys the model does not have: {sorted(unknown)[:5]}; was it made for another architecture?")
+        raise SpecError(f"the spec names keys the model does not have: {sorted(unknown)[:5]}; was it made for another "
+                        "architecture?")
     base = copy.deepcopy(model)
     worst: Dict[str, float] = {}
     ref = {}
@@ -273,8 +283,11 @@ def check_spec(
                 d = _rel_diff(ref[mode], _outputs(mp, example_inputs, mode == "train"))
                 if d > rtol:
                     axes = ", ".join(f"{k}[{a}]" for k, a, _ in p2a[g][:6])
-                    culprits.append(f"group {g!r} (size {spec.groups[g]}, acting on {axes}) changes the {mode}-mode outputs by {d:.3g} (relative)")
+                    culprits.append(f"group {g!r} (size {spec.groups[g]}, acting on {axes}) changes the {mode}-mode "
+                                    f"outputs by {d:.3g} (relative)")
                     break
         detail = "; ".join(culprits) if culprits else "no single group fails alone; a combination of groups does"
-        raise SpecError(f"the spec is not a symmetry of the model: {detail}. Fix those keys' layouts (spec.with_axes) or drop the groups (spec.without)")
-    return SpecCheck(max_rel_diff=dict(worst), trials=trials, modes=tuple(ref))
+        raise SpecError(f"the spec is not a symmetry of the model: {detail}. Fix those keys' layouts (spec.with_axes) "
+                        "or drop the groups (spec.without)")
+    return SpecCheck(max_rel_diff=dict(worst), trials=trials, modes=tuple(ref),
+                     settings={"trials": trials, "seed": seed, "rtol": rtol, "modes": tuple(modes)})

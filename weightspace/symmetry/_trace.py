@@ -72,6 +72,7 @@ from weightspace.symmetry._rules_layers import (
     _sdpa,
 )
 from weightspace.symmetry._spec import Axis, PermutationSpec
+from weightspace.results import WeightspaceError
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ _RULES = {
 }
 
 
-class TraceError(RuntimeError):
+class TraceError(WeightspaceError, RuntimeError):
     """The model could not be run or followed on the example inputs."""
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weightspace.results import Result
 from weightspace.utils import iter_batches, model_device, module_mode, resolve_device, shuffled_batches
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ __all__ = ["train", "evaluate", "TrainResult", "EpochRecord"]
 
 
 @dataclass(frozen=True)
-class EpochRecord:
+class EpochRecord(Result):
     """One epoch: mean train loss/accuracy over the epoch's batches, and eval loss/accuracy if any."""
 
     epoch: int
@@ -37,7 +38,7 @@ class EpochRecord:
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(Result):
     """Outcome of :func:`train`.
 
     ``train_loss`` is the mean loss of the last epoch (measured during it, in train mode);
@@ -52,6 +53,7 @@ class TrainResult:
     history: Tuple[EpochRecord, ...]
     seconds: float
     settings: Dict[str, Any] = field(default_factory=dict)
+    log: Dict[str, Any] = field(default_factory=dict)
 
 
 
