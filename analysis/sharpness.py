@@ -10,7 +10,7 @@ evaluated functionally at the model's parameters (``torch.func.functional_call``
 and cloned buffers, double backward for ``H v``). The model is never modified; it is evaluated in eval
 mode by default and every module's train/eval flag is restored afterwards.
 
-Known pitfall (REFERENCES.md section 4.11): plain power iteration converges to the eigenvalue of
+Known pitfall (of PyHessian, Yao et al. 2020, arXiv:1912.07145): plain power iteration converges to the eigenvalue of
 largest **magnitude**, so on a concave loss it returns a negative number that is not ``lambda_max``.
 Here ``which="LA"`` (largest algebraic, the default) uses Lanczos, or power iteration on the shifted
 operator ``H + |mu| I`` where ``mu`` is the largest-magnitude eigenvalue; ``which="LM"`` asks for the
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from weightspace.checks import check_data, check_model
+from weightspace.results import Result
 from weightspace.utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ __all__ = ["hessian_eigenvalues", "hessian_trace", "HessianEigen", "HessianTrace
 
 
 @dataclass(frozen=True)
-class HessianEigen:
+class HessianEigen(Result):
     """Top Hessian eigenpairs.
 
     Attributes
@@ -60,26 +61,17 @@ class HessianEigen:
     method: str
     which: str
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {"eigenvalues": list(self.eigenvalues), "residuals": list(self.residuals),
-                "converged": self.converged, "n_iter": self.n_iter, "method": self.method,
-                "which": self.which, "settings": dict(self.settings)}
-
+    log: Mapping[str, Any] = field(default_factory=dict)
 
 @dataclass(frozen=True)
-class HessianTrace:
+class HessianTrace(Result):
     """Hutchinson estimate ``tr H ~ mean_i v_i^T H v_i`` with Rademacher ``v_i``."""
 
     mean: float
     std_error: float
     samples: Tuple[float, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {"mean": self.mean, "std_error": self.std_error, "samples": list(self.samples),
-                "settings": dict(self.settings)}
-
+    log: Mapping[str, Any] = field(default_factory=dict)
 
 # ----------------------------------------------------------------------------------------------
 class _HVP:

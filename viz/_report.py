@@ -60,7 +60,8 @@ class Report:
                 body = html.escape(obj)
                 parts.append(f"<pre>{body}</pre>" if "\n" in obj else f"<p>{body}</p>")
             else:
-                parts.append(obj.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{n}", config={"responsive": True}))
+                parts.append(obj.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{n}",
+                                         config={"responsive": True}))
                 n += 1
         parts += ["</body>", "</html>"]
         return "\n".join(parts)

@@ -120,7 +120,8 @@ def check_inputs(x: Any, name: str = "example_inputs", *, where: Optional[str] =
     non-tensor options allowed). NumPy arrays (and other foreign arrays) anywhere raise
     :class:`InputTypeError` with the conversion; ``None`` raises. Returns ``x``."""
     if x is None:
-        raise InputTypeError(f"{_at(where)}{name} is None; pass a tensor, a tuple of inputs or a dict of keyword inputs")
+        raise InputTypeError(f"{_at(where)}{name} is None; pass a tensor, a tuple of inputs or a dict of keyword "
+                             "inputs")
     hint = _foreign(x)
     if hint:
         raise InputTypeError(f"{_at(where)}{name} is {hint}")
@@ -143,7 +144,8 @@ def check_data(data: Any, name: str = "data", *, where: Optional[str] = None) ->
     targets), a module and ``None``. Iterables are not consumed. Returns ``data``."""
     at = _at(where)
     if data is None:
-        raise InputTypeError(f"{at}{name} is None; pass a pair (X, Y) of tensors, a DataLoader or a dict of named splits")
+        raise InputTypeError(f"{at}{name} is None; pass a pair (X, Y) of tensors, a DataLoader or a dict of named "
+                             "splits")
     hint = _foreign(data)
     if hint:
         raise InputTypeError(f"{at}{name} is {hint}, inside a pair (X, Y)")
@@ -153,7 +155,8 @@ def check_data(data: Any, name: str = "data", *, where: Optional[str] = None) ->
         for k, v in data.items():
             check_data(v, f"{name}[{k!r}]", where=where)
         return data
-    if isinstance(data, (tuple, list)) and len(data) == 2 and not any(torch.is_tensor(b) and b.dim() == 0 for b in data):
+    pair = isinstance(data, (tuple, list)) and len(data) == 2
+    if pair and not any(torch.is_tensor(b) and b.dim() == 0 for b in data):
         for part, v in zip(("X", "Y"), data):
             h = _foreign(v)
             if h:

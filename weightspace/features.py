@@ -36,11 +36,13 @@ import torch
 import torch.nn as nn
 
 from weightspace.checks import NonFiniteError, check_data, check_model, check_module
+from weightspace.results import Result
 from weightspace.utils import call_model, iter_batches, model_device, module_mode, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "capture_labelled", "call_order", "activation_stats", "cross_stats", "FeatureStats", "CrossStats", "resolve_points",
+__all__ = ["capture", "capture_labelled", "call_order", "activation_stats", "cross_stats", "FeatureStats", "CrossStats",
+           "resolve_points",
            "StreamingMoments", "group_points"]
 
 Points = Union[str, Sequence[str]]
@@ -55,7 +57,7 @@ _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.Gr
 
 
 @dataclass(frozen=True)
-class FeatureStats:
+class FeatureStats(Result):
     """Streaming statistics of one point's features (all float64, on the CPU).
 
     ``count`` rows (samples times spatial positions) of ``C`` features; ``mean`` (C,);
@@ -88,7 +90,7 @@ class FeatureStats:
 
 
 @dataclass(frozen=True)
-class CrossStats:
+class CrossStats(Result):
     """Joint statistics of a point of model A (C_a features) and one of model B (C_b), float64.
 
     ``cov_ab`` (C_a, C_b) is the cross-covariance; ``corr = cov_ab / (std_a std_b^T + eps)`` is the

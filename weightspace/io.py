@@ -112,7 +112,8 @@ def atomic_write(path: PathLike, data: Union[str, bytes, Callable[[str], None]],
         os.umask(umask)
         os.chmod(tmp, mode & ~umask)
         if path.exists() and not overwrite:  # appeared while we were writing
-            raise OutputExistsError(f"{path} appeared while it was being written; refusing to overwrite it (pass {flag})")
+            raise OutputExistsError(f"{path} appeared while it was being written; refusing to overwrite it "
+                                    f"(pass {flag})")
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -197,8 +198,8 @@ def save_state_dict(state_dict_or_module: Union[nn.Module, Mapping[str, torch.Te
     if use_st:
         atomic_write(path, lambda tmp: _write_safetensors(_untie(tensors), tmp, meta), overwrite=overwrite)
     else:
-        atomic_write(path, lambda tmp: _write_torch(tensors if meta is None else {"state_dict": tensors, "metadata": meta}, tmp),
-                     overwrite=overwrite)
+        obj = tensors if meta is None else {"state_dict": tensors, "metadata": meta}
+        atomic_write(path, lambda tmp: _write_torch(obj, tmp), overwrite=overwrite)
     log.debug("saved %d tensors to %s", len(tensors), path)
     return path
 
@@ -282,7 +283,8 @@ def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_state_dict(path: PathLike, map_location: Any = "cpu", *, check_finite: bool = False) -> Dict[str, torch.Tensor]:
+def load_state_dict(path: PathLike, map_location: Any = "cpu", *,
+                    check_finite: bool = False) -> Dict[str, torch.Tensor]:
     """Load a state dict from a safetensors or ``torch.save`` file, safely.
 
     The format is detected from the file's first bytes. Pickles are read with
@@ -400,7 +402,8 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def load_into(model: nn.Module, state_dict: Union[PathLike, Mapping[str, torch.Tensor]], strict: bool = True) -> nn.Module:
+def load_into(model: nn.Module, state_dict: Union[PathLike, Mapping[str, torch.Tensor]],
+              strict: bool = True) -> nn.Module:
     """Return a NEW copy of ``model`` holding the weights of ``state_dict`` (a mapping or a path).
 
     ``model`` itself is untouched. Missing and unexpected keys raise ``ValueError`` listing them

@@ -24,7 +24,7 @@ Metrics. ``"loss"`` (cross-entropy by default, or ``loss_fn(outputs, targets)``)
 included) may return a scalar — read as the *mean* over the batch — or one value per example.
 Every metric is accumulated as a **sum over examples** and divided by the number of examples at the
 end, so a small last batch gets its true weight (averaging batch means is the bias of the
-layer-wise LMC anchor code, see REFERENCES §4.2).
+layer-wise LMC reference code of Adilova et al. 2024, ICLR, arXiv:2307.06966).
 """
 from __future__ import annotations
 
@@ -319,7 +319,8 @@ def _reiterable(data: Any) -> Any:
             log.debug("materialising a one-shot iterator of batches")
             return list(data)
     except TypeError:
-        raise TypeError(f"data must be a pair (X, Y) or an iterable of (x, y) batches, got {type(data).__name__}")
+        raise TypeError("data must be a pair (X, Y) or an iterable of (x, y) batches, "
+                        f"got {type(data).__name__}") from None
     return data
 
 
@@ -547,7 +548,7 @@ class _Evaluator:
             return dict(state)
         st = dict(state)
         fresh = {}
-        for name, m in self.bn:
+        for name, _m in self.bn:
             p = f"{name}." if name else ""
             ref = st[p + "running_mean"]
             fresh[p + "running_mean"] = torch.zeros_like(ref, device=self.device)
@@ -672,7 +673,7 @@ def recalibrate_bn(model: nn.Module, data: Any, state: Optional[Mapping] = None,
     over one no-grad pass in which only the BatchNorm layers are in train mode (dropout stays off, so
     the statistics are those of the eval-time activations; for models without dropout this is exactly
     ``update_bn``). Interpolated running statistics are not the statistics of the interpolated network,
-    hence the reset (REFERENCES §2.6, §4.4; Jordan et al. 2023, REPAIR, arXiv:2211.08403).
+    hence the reset (Jordan et al. 2023, REPAIR, ICLR, arXiv:2211.08403).
 
     Parameters
     ----------

@@ -76,14 +76,17 @@ def test_renders_offline_in_a_real_browser(tmp_path):
         pytest.skip("browser: no system Chromium (apt-get install chromium)")
     page = _report().write(tmp_path / "r.html")
     dom = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom",
+         page.as_uri()],
         capture_output=True, text=True, timeout=120,
     ).stdout
     assert dom.count('class="main-svg"') >= 2 * 2  # plotly draws two svg layers per figure
     assert dom.count('class="plotly-graph-div js-plotly-plot"') == 2  # both divs initialised by Plotly
     # negative control: without the inlined library nothing is drawn
     bare = tmp_path / "bare.html"
-    bare.write_text(page.read_text().split("<script type=\"text/javascript\">", 1)[0] + "</head><body>" + page.read_text().split("<body>", 1)[1])
-    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", bare.as_uri()],
+    bare.write_text(page.read_text().split("<script type=\"text/javascript\">",
+                                           1)[0] + "</head><body>" + page.read_text().split("<body>", 1)[1])
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          "--dump-dom", bare.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "main-svg" not in dom

@@ -38,7 +38,8 @@ MODEL_CALLS = {
 def test_class_function_or_state_dict_instead_of_a_module(name, data):
     X, Y = data
     call = MODEL_CALLS[name]
-    with pytest.raises(checks.InputTypeError, match=r"the class MLP, not a model; pass an instance, e\.g\. MLP\(\.\.\.\)"):
+    with pytest.raises(checks.InputTypeError,
+                       match=r"the class MLP, not a model; pass an instance, e\.g\. MLP\(\.\.\.\)"):
         call(zoo.MLP, X, Y)
     with pytest.raises(checks.InputTypeError, match=r"the function _factory, not a model; call it"):
         call(_factory, X, Y)
@@ -64,7 +65,8 @@ DATA_CALLS = {
 def test_numpy_data_is_refused_with_the_conversion(name, data):
     X, Y = data
     m = _factory()
-    with pytest.raises(checks.InputTypeError, match=r"NumPy array of shape \(20, 8\); convert it with torch\.from_numpy"):
+    with pytest.raises(checks.InputTypeError,
+                       match=r"NumPy array of shape \(20, 8\); convert it with torch\.from_numpy"):
         DATA_CALLS[name](m, (X.numpy(), Y.numpy()))
     with pytest.raises(checks.InputTypeError, match=r"Y is a NumPy array"):
         DATA_CALLS[name](m, (X, Y.numpy()))

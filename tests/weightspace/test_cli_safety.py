@@ -2,7 +2,6 @@
 before any work, rejects counts that would check nothing, and names the flag in every usage error."""
 import os
 import sys
-import time
 
 import pytest
 
@@ -34,7 +33,8 @@ def test_missing_directory_is_named_not_created(tmp_path, capsys, cmd):
     else:
         ck = tmp_path / "a.pt"
         io.save_state_dict(__import__("weightspace").zoo.MLP(64, (8,), 10, seed=0), ck)
-        argv = ["analyze", str(ck), "--model", "mlp", "--model-kwargs", '{"hidden": [8]}', "--report", str(target), "--grid", "2"]
+        argv = ["analyze", str(ck), "--model", "mlp", "--model-kwargs", '{"hidden": [8]}', "--report", str(target),
+                "--grid", "2"]
     rc = main(argv)
     cap = capsys.readouterr()
     assert rc == 2
@@ -44,7 +44,6 @@ def test_missing_directory_is_named_not_created(tmp_path, capsys, cmd):
 
 
 def test_demo_out_is_validated_before_any_work(tmp_path, capsys):
-    t = time.perf_counter()
     rc = main(["demo", "--out", str(tmp_path)])  # a directory: full-size demo would take many seconds
     cap = capsys.readouterr()
     assert rc == 2 and "is a directory" in cap.err and "trained" not in cap.out
@@ -84,7 +83,8 @@ def test_quiet_and_verbose_after_the_subcommand(capsys):
 def test_model_from_the_current_directory(tmp_path, monkeypatch, capsys):
     name = f"ws_user_models_{os.getpid()}"
     (tmp_path / f"{name}.py").write_text(
-        "import torch\n\ndef build(width=5):\n    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))\n")
+        "import torch\n\ndef build(width=5):\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))\n")
     monkeypatch.chdir(tmp_path)
     # the console script's sys.path: no '' and no cwd
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))])

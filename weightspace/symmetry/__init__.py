@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from weightspace.checks import check_inputs, check_module
+from weightspace.results import Result
 from weightspace.symmetry._spec import Axis, PermutationSpec, SpecError
 from weightspace.symmetry._trace import TraceError, trace_dims
 from weightspace.tracing import MHA_ARGS, TracingMode, flatten_tensors
@@ -165,7 +166,8 @@ def _check_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> No
             raise SpecError(f"no permutation given for group {name!r} (size {n}); pass one for every group of the spec")
         p = perms[name]
         if not torch.is_tensor(p) or p.dim() != 1 or p.numel() != n:
-            raise SpecError(f"permutation for group {name!r} must be a 1-D LongTensor of size {n}, got {getattr(p, 'shape', type(p))}")
+            raise SpecError(f"permutation for group {name!r} must be a 1-D LongTensor of size {n}, got "
+                            f"{getattr(p, 'shape', type(p))}")
         if not torch.equal(torch.sort(p.cpu()).values, torch.arange(n)):
             raise SpecError(f"the tensor given for group {name!r} is not a permutation of 0..{n - 1}")
     extra = set(perms) - set(spec.groups)
@@ -197,15 +199,18 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
         check_module(obj, "obj", where="permute", expected="an nn.Module or a state dict")
     _check_perms(spec, perms)
     if isinstance(obj, torch.nn.Module):
-        own = {k for k, _ in obj.named_parameters(remove_duplicate=False)} | {k for k, _ in obj.named_buffers(remove_duplicate=False)}
+        own = ({k for k, _ in obj.named_parameters(remove_duplicate=False)}
+               | {k for k, _ in obj.named_buffers(remove_duplicate=False)})
         unknown = [k for k in spec.axes if k not in own]
         if unknown:
-            raise SpecError(f"the spec permutes keys the module does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; "
+            more = " ..." if len(unknown) > 5 else ""
+            raise SpecError(f"the spec permutes keys the module does not have: {unknown[:5]}{more}; "
                             f"was it made for another architecture (or for a wrapper, with a key prefix)?")
         new = copy.deepcopy(obj)
         done = set()
         with torch.no_grad():
-            for key, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False)):
+            named = list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False))
+            for key, t in named:
                 if t is None or id(t) in done or key not in spec.axes:
                     continue
                 done.add(id(t))
@@ -216,15 +221,17 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
     optional = set(spec.info.get("non_persistent", ()))
     missing = [k for k in spec.permuted_keys() if k not in obj and k not in optional]
     if missing:
-        raise SpecError(f"the state dict lacks keys that the spec permutes: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return {k: (_permute_tensor(v, spec.axes[k], perms, k) if k in spec.axes and torch.is_tensor(v) else v) for k, v in obj.items()}
+        raise SpecError("the state dict lacks keys that the spec permutes: "
+                        f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return {k: (_permute_tensor(v, spec.axes[k], perms,
+                                k) if k in spec.axes and torch.is_tensor(v) else v) for k, v in obj.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # numerical check
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SpecCheck:
+class SpecCheck(Result):
     """Outcome of :func:`check_spec`: the largest relative output change seen per mode, over every
     input checked; ``inputs`` names those inputs and ``max_rel_diff_by_input`` gives each one's worst."""
 
@@ -234,6 +241,8 @@ class SpecCheck:
     inputs: Tuple[str, ...] = ("example inputs",)
     max_rel_diff_by_input: Mapping[str, float] = field(default_factory=dict)
     seed: int = 0
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _perturb(x: Any, g: torch.Generator) -> Any:
@@ -297,7 +306,8 @@ def _outputs(model: torch.nn.Module, example_inputs: Any, train: bool) -> list:
         model = copy.deepcopy(model)
     model.train(train)
     with torch.no_grad(), _NoDropout():
-        return [t.detach().double() for t in flatten_tensors(call_model(model, example_inputs)) if torch.is_tensor(t) and t.is_floating_point()]
+        outs = flatten_tensors(call_model(model, example_inputs))
+        return [t.detach().double() for t in outs if torch.is_tensor(t) and t.is_floating_point()]
 
 
 def _rel_diff(a: list, b: list) -> float:
@@ -338,9 +348,11 @@ def check_spec(
         raise SpecError(f"trials must be >= 1, got {trials}: with no permutation nothing would be checked")
     if int(perturbed) < 0:
         raise SpecError(f"perturbed must be >= 0, got {perturbed}")
-    unknown = set(spec.axes) - {k for k, _ in model.named_parameters(remove_duplicate=False)} - {k for k, _ in model.named_buffers(remove_duplicate=False)}
+    unknown = (set(spec.axes) - {k for k, _ in model.named_parameters(remove_duplicate=False)}
+               - {k for k, _ in model.named_buffers(remove_duplicate=False)})
     if unknown:
-        raise SpecError(f"the spec names keys the model does not have: {sorted(unknown)[:5]}; was it made for another architecture?")
+        raise SpecError(f"the spec names keys the model does not have: {sorted(unknown)[:5]}; was it made for another "
+                        "architecture?")
     cases: List[Tuple[str, Any]] = [("the example inputs", example_inputs)]
     cases += [(f"perturbed input #{i + 1} (perturb_inputs(example_inputs, seed={seed})[{i}])", x)
               for i, x in enumerate(perturb_inputs(example_inputs, int(perturbed), seed))]
@@ -357,7 +369,8 @@ def check_spec(
             try:
                 ref[mode] = _outputs(base, x, mode == "train")
             except Exception as exc:  # e.g. BatchNorm in train mode on a batch of one
-                log.warning("check_spec: skipping %s mode on %s, the model does not run in it there (%s)", mode, label, exc)
+                log.warning("check_spec: skipping %s mode on %s, the model does not run in it there (%s)",
+                            mode, label, exc)
         if ref:
             refs.append((ci, label, x, ref))
         elif ci == 0:
@@ -378,7 +391,9 @@ def check_spec(
         del mp
     checked = [label for _, label, _, _ in refs]
     return SpecCheck(max_rel_diff=dict(worst), trials=int(trials), modes=tuple(m for m in modes if m in worst),
-                     inputs=tuple(checked), max_rel_diff_by_input=by_input, seed=int(seed))
+                     inputs=tuple(checked), max_rel_diff_by_input=by_input, seed=int(seed),
+                     settings={"trials": int(trials), "seed": int(seed), "rtol": rtol, "modes": tuple(modes),
+                               "perturbed": int(perturbed), "extra_inputs": len(inputs or ())})
 
 
 def _fail(base, spec, x, label: str, ref, mode: str, d: float, seed: int, rtol: float, case: int) -> None:
@@ -391,12 +406,14 @@ def _fail(base, spec, x, label: str, ref, mode: str, d: float, seed: int, rtol: 
         dg = _rel_diff(ref[mode], _outputs(permute(base, spec, perms), x, mode == "train"))
         if dg > rtol:
             axes = ", ".join(f"{k}[{a}]" for k, a, _ in p2a[g][:6])
-            culprits.append(f"group {g!r} (size {spec.groups[g]}, acting on {axes}) changes the {mode}-mode outputs by {dg:.3g} (relative)")
+            culprits.append(f"group {g!r} (size {spec.groups[g]}, acting on {axes}) changes the {mode}-mode outputs "
+                            f"by {dg:.3g} (relative)")
     detail = "; ".join(culprits) if culprits else "no single group fails alone; a combination of groups does"
     hint = ""
     if case > 0:
         hint = (" The spec holds on the example inputs but not here: the forward probably takes a different path on "
                 "other inputs (control flow on tensor values; see spec.info['data_dependent']). Trace and check on "
                 "representative inputs, or make the forward's operations independent of the values.")
-    raise SpecError(f"the spec is not a symmetry of the model on {label}: relative output change {d:.3g} in {mode} "
-                    f"mode; {detail}. Fix those keys' layouts (spec.with_axes) or drop the groups (spec.without).{hint}")
+    raise SpecError(f"the spec is not a symmetry of the model on {label}: relative output change {d:.3g} in "
+                    f"{mode} mode; {detail}. Fix those keys' layouts (spec.with_axes) or drop the groups "
+                    f"(spec.without).{hint}")

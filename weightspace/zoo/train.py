@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weightspace.checks import check_data, check_module
+from weightspace.results import Result
 from weightspace.utils import iter_batches, model_device, module_mode, resolve_device, shuffled_batches
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ __all__ = ["train", "evaluate", "TrainResult", "EpochRecord"]
 
 
 @dataclass(frozen=True)
-class EpochRecord:
+class EpochRecord(Result):
     """One epoch: mean train loss/accuracy over the epoch's batches, and eval loss/accuracy if any."""
 
     epoch: int
@@ -38,7 +39,7 @@ class EpochRecord:
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(Result):
     """Outcome of :func:`train`.
 
     ``train_loss`` is the mean loss of the last epoch (measured during it, in train mode);
@@ -53,6 +54,7 @@ class TrainResult:
     history: Tuple[EpochRecord, ...]
     seconds: float
     settings: Dict[str, Any] = field(default_factory=dict)
+    log: Dict[str, Any] = field(default_factory=dict)
 
 
 
