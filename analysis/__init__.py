@@ -10,8 +10,8 @@ _EXPORTS = {
     "interpolate": "analysis.connectivity",
     "InterpolationCurve": "analysis.connectivity",
     "Barrier": "analysis.connectivity",
-    "layerwise_barriers": "analysis.connectivity",
-    "LayerwiseBarriers": "analysis.connectivity",
+    "layerwise_barriers": "analysis.layerwise",
+    "LayerwiseBarriers": "analysis.layerwise",
     "train_curve": "analysis.curves",
     "ModeCurve": "analysis.curves",
     "plane": "analysis.curves",
@@ -49,12 +49,12 @@ _EXPORTS = {
     "HessianTrace": "analysis.sharpness",
     "spectral_metrics": "analysis.spectral",
     "fit_power_law": "analysis.spectral",
-    "norm_measures": "analysis.spectral",
+    "norm_measures": "analysis.norms",
     "SpectralMetrics": "analysis.spectral",
     "PowerLawFit": "analysis.spectral",
-    "NormMeasures": "analysis.spectral",
+    "NormMeasures": "analysis.norms",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
 __dir__ = lazy_dir(_EXPORTS)

@@ -99,7 +99,8 @@ def digitize(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bin index in ``0..len(edges)-2``: ``[e_k, e_{k+1})`` -> ``k``, the last bin closed on the right.
 
     Values below the first edge go to bin 0 and values at or above the last edge to the last bin:
-    nothing wraps around and ``x >= high`` is not a bin of its own (the anchors' bugs, REFERENCES 4.9).
+    nothing wraps around and ``x >= high`` is not a bin of its own (bugs of the reference code of Shwartz-Ziv & Tishby
+    2017, arXiv:1703.00810).
     """
     return np.searchsorted(edges[1:-1], values, side="right")
 

@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from weightspace.checks import check_data, check_model
+from weightspace.results import Result
 from weightspace.features import call_order, capture_labelled
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ ClassifierLike = Union[nn.Linear, torch.Tensor, Tuple[torch.Tensor, Optional[tor
 
 
 @dataclass(frozen=True)
-class NeuralCollapse:
+class NeuralCollapse(Result):
     """NC1-NC4 of one set of features; ``None`` where a metric needs a classifier or test data.
 
     Metrics (lower is more collapsed, except the accuracies)
@@ -100,10 +102,8 @@ class NeuralCollapse:
     nc3_variant: str = "papyan_squared: ||W^T/||W||_F - Mdot/||Mdot||_F||_F^2"
     nc4_variant: str = "disagreement: argmax(Wh+b) != argmin||h-mu_c|| (train means)"
     dtype: str = "float64"
-
-    def as_dict(self) -> Dict[str, Any]:
-        """All fields as a plain ``dict`` (metrics and settings)."""
-        return asdict(self)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def metric_names(cls) -> Tuple[str, ...]:
@@ -142,7 +142,8 @@ def _as_labels(y: Any, n: int, name: str, num_classes: Optional[int], device: to
     y = y.to(device=device, dtype=torch.long)
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or (num_classes is not None and hi >= num_classes):
-        raise ValueError(f"{name} out of range: min {lo}, max {hi}, but classes are 0..{num_classes - 1 if num_classes else '?'}"
+        raise ValueError(f"{name} out of range: min {lo}, max {hi}, but classes are "
+                         f"0..{num_classes - 1 if num_classes else '?'}"
                          "; relabel to 0..C-1 or pass num_classes")
     return y
 
@@ -200,7 +201,8 @@ def _norm_angle_stats(rows: torch.Tensor, ddof: int) -> Tuple[float, float, floa
 
 
 def _cdnv(means: torch.Tensor, var: torch.Tensor) -> float:
-    """Mean over class pairs of ``(V_c + V_c')/(2 ||mu_c - mu_c'||^2)``; one row of pairs at a time (O(C) extra memory)."""
+    """Mean over class pairs of ``(V_c + V_c')/(2 ||mu_c - mu_c'||^2)``; one row of pairs at a time
+    (O(C) extra memory)."""
     c = means.shape[0]
     total = 0.0
     for i in range(c - 1):
@@ -353,7 +355,8 @@ def neural_collapse(features: Any, labels: Any, classifier: ClassifierLike = Non
         accuracy_train=wstats["acc"], accuracy_test=wstats["acc_t"],
         ncc_accuracy_train=ncc_acc, ncc_accuracy_test=ncc_acc_test,
         num_classes=c, num_samples=n, feature_dim=d, global_mean=global_mean, pinv_rank=rank,
-        nc4_bias=bool(nc4_bias and b is not None), std_ddof=std_ddof)
+        nc4_bias=bool(nc4_bias and b is not None), std_ddof=std_ddof,
+        settings={"global_mean": global_mean, "nc4_bias": bool(nc4_bias), "std_ddof": std_ddof, "num_classes": c})
 
 
 # -------------------------------------------------------------------------------- model capture
@@ -391,6 +394,8 @@ def neural_collapse_of(model: nn.Module, data: Any, layer: str = "auto", *, at: 
     **options
         Passed on to :func:`neural_collapse` (``global_mean``, ``nc4_bias``, ``num_classes``, ...).
     """
+    model = check_model(model, where="analysis.neural_collapse_of")
+    check_data(data, where="analysis.neural_collapse_of")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     name = _last_linear(model, data) if layer == "auto" else layer

@@ -10,7 +10,8 @@ w_{n-1} = theta_B``:
 The interior points are trained to minimise ``E_{t ~ U[0,1]} L(phi(t))`` with ``t`` uniform in the
 parameter (not in arc length), endpoints fixed (Garipov, Izmailov, Podoprikhin, Vetrov, Wilson,
 "Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs", arXiv:1802.10026).
-:func:`plane` evaluates the 2-D affine plane through three weight vectors. See REFERENCES.md §4.6.
+:func:`plane` evaluates the 2-D affine plane through three weight vectors. See Garipov et al. 2018 (NeurIPS,
+arXiv:1802.10026).
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from weightspace.results import Result, to_jsonable
 from weightspace import state as _eval
-from analysis.connectivity import InterpolationCurve, _fn_name, _jsonable, _metric_names
+from analysis.connectivity import InterpolationCurve, _fn_name, _metric_names
+from weightspace.checks import check_data, check_finite, check_module
 from weightspace.utils import shuffled_batches
 
 log = logging.getLogger(__name__)
@@ -99,7 +102,7 @@ class CurveEvaluation(InterpolationCurve):
 
 
 @dataclass(frozen=True, eq=False)
-class ModeCurve:
+class ModeCurve(Result):
     """A parametric curve in weight space between two models (Garipov et al. 2018).
 
     Attributes
@@ -112,13 +115,17 @@ class ModeCurve:
     settings : dict — training settings.
     """
 
+    _skip_in_dict = ("model", "control_points")  # a module and full state dicts: not JSON
+
     model: nn.Module
     kind: str
     control_points: Tuple[Mapping[str, torch.Tensor], ...]
     history: Tuple[float, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.kind not in _CURVES:
             raise ValueError(f"unknown curve kind {self.kind!r}; use one of {_CURVES}")
         if len(self.control_points) < 2:
@@ -220,6 +227,11 @@ def train_curve(model_a: nn.Module, model_b: nn.Module, data: Any, kind: str = "
     -------
     ModeCurve
     """
+    check_module(model_a, "model_a", where="analysis.train_curve")
+    check_module(model_b, "model_b", where="analysis.train_curve", allow_state=True)
+    check_finite(model_a, "model_a", where="analysis.train_curve")
+    check_finite(model_b, "model_b", where="analysis.train_curve")
+    check_data(data, where="analysis.train_curve")
     if kind not in _CURVES:
         raise ValueError(f"unknown curve kind {kind!r}; use one of {_CURVES}")
     if not isinstance(bends, (int, np.integer)) or bends < 1:
@@ -309,7 +321,7 @@ def train_curve(model_a: nn.Module, model_b: nn.Module, data: Any, kind: str = "
 # planes
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
-class PlaneResult:
+class PlaneResult(Result):
     """Metrics on a grid of the plane through three weight vectors (Garipov et al. 2018, Fig. 1).
 
     Points are ``w0 + x u + y v`` with orthonormal ``u = (w2 - w0)/|w2 - w0|`` and ``v`` (``w1 - w0``
@@ -333,9 +345,10 @@ class PlaneResult:
     dx: float
     dy: float
     settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
-        return _jsonable({"x": self.x, "y": self.y, "values": self.values, "coordinates": self.coordinates,
+        return to_jsonable({"x": self.x, "y": self.y, "values": self.values, "coordinates": self.coordinates,
                           "model_values": self.model_values, "dx": self.dx, "dy": self.dy,
                           "settings": self.settings})
 
@@ -374,6 +387,11 @@ def plane(w0, w1, w2, data: Any, grid: Union[int, Tuple[int, int]] = 21,
     ------
     ValueError — if ``w2 == w0`` (dx = 0) or ``w1`` lies on the line through ``w0`` and ``w2`` (dy = 0).
     """
+    for _w, _nm in ((w0, "w0"), (w1, "w1"), (w2, "w2")):
+        check_module(_w, _nm, where="analysis.plane", allow_state=True)
+    if model is not None:
+        check_module(model, where="analysis.plane")
+    check_data(data, where="analysis.plane")
     ref = model if model is not None else next((w for w in (w0, w1, w2) if isinstance(w, nn.Module)), None)
     if ref is None:
         raise TypeError("w0, w1, w2 are all state dicts: pass model= (an nn.Module of that architecture)")

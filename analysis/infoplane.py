@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from weightspace.results import Result
 from analysis import _mi
+from weightspace.checks import check_data, check_model
 from weightspace.features import capture_labelled
 
 log = logging.getLogger(__name__)
@@ -140,7 +142,8 @@ def mutual_information(x: Any, y: Any, estimator: str = "knn", *, units: str = "
     if xa.shape[0] != ya.shape[0]:
         raise ValueError(f"x has {xa.shape[0]} rows but y has {ya.shape[0]}; pass aligned samples")
     opts = _options(estimator, options)
-    return _mi_nats(xa, ya, estimator, opts, _discrete_flag(xa, x_discrete), _discrete_flag(ya, y_discrete)) * _scale(units)
+    return _mi_nats(xa, ya, estimator, opts, _discrete_flag(xa, x_discrete),
+                    _discrete_flag(ya, y_discrete)) * _scale(units)
 
 
 def entropy(x: Any, estimator: str = "binning", *, units: str = "bits", discrete: Optional[bool] = None,
@@ -166,7 +169,7 @@ def entropy(x: Any, estimator: str = "binning", *, units: str = "bits", discrete
 
 
 @dataclass(frozen=True)
-class InformationPlane:
+class InformationPlane(Result):
     """One point of the information plane per layer, with the estimator and its settings.
 
     Attributes
@@ -189,13 +192,12 @@ class InformationPlane:
     h_x: float
     h_y: float
     layer_settings: Tuple[Dict[str, Any], ...] = field(default=())
+    settings: Dict[str, Any] = field(default_factory=dict)
+    log: Dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, layer: str) -> Tuple[float, float]:
         i = self.layers.index(layer)
         return self.i_xt[i], self.i_ty[i]
-
-    def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
     def rows(self) -> List[Dict[str, Any]]:
         """One ``{"layer", "i_xt", "i_ty"}`` dict per layer."""
@@ -250,6 +252,8 @@ def information_plane(model: nn.Module, data: Any, layers: Optional[Sequence[str
     **options
         Estimator hyperparameters (recorded in the result).
     """
+    model = check_model(model, where="analysis.information_plane")
+    check_data(data, where="analysis.information_plane")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if estimator == "binning":
@@ -286,7 +290,8 @@ def information_plane(model: nn.Module, data: Any, layers: Optional[Sequence[str
         elif estimator == "kde":
             h_t = _mi.kde_entropy(ta, opts["sigma2"], opts["bound"])
             a = h_t - (ta.shape[1] / 2.0) * (math.log(2.0 * math.pi * opts["sigma2"]) + 1.0)
-            b = _mi.kde_mi_ty(ta, sy, opts["sigma2"], opts["bound"], h_t) if dy else _mi_nats(ta, ya, "kde", opts, False, False)
+            b = _mi.kde_mi_ty(ta, sy, opts["sigma2"], opts["bound"], h_t) if dy else _mi_nats(ta, ya, "kde", opts,
+                                                                                              False, False)
         elif estimator == "knn":
             a = _mi_nats(xa.astype(np.float64), ta, "knn", opts, False, False)
             b = _mi_nats(ta, ya, "knn", opts, False, dy)
@@ -305,7 +310,8 @@ def information_plane(model: nn.Module, data: Any, layers: Optional[Sequence[str
         log.debug("information plane %s [%s]: I(X;T)=%.4g I(T;Y)=%.4g %s", name, estimator, ixt[-1], ity[-1], units)
     return InformationPlane(layers=tuple(names), i_xt=tuple(ixt), i_ty=tuple(ity), estimator=estimator,
                             options=opts, units=units, num_samples=n, h_x=h_x * scale, h_y=h_y * scale,
-                            layer_settings=tuple(settings))
+                            layer_settings=tuple(settings),
+                            settings={"estimator": estimator, "options": opts, "units": units, "layers": list(names)})
 
 
 class InformationPlaneTracker:

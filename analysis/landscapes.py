@@ -6,7 +6,7 @@ the Loss Landscape of Neural Nets", arXiv:1712.09913) draw Gaussian directions a
 them so that slices of networks with different weight scales are comparable; they also plot
 optimisation trajectories in the plane of the top-2 principal components of ``{theta_i - theta_final}``.
 
-Differences from the published tools (REFERENCES §4.5), all deliberate:
+Differences from the published tools (Li et al. 2018, NeurIPS, arXiv:1712.09913), all deliberate:
 
 * the grid always contains its exact centre ``(0, 0)`` for odd sizes and symmetric spans, where the
   value is the model's own loss (marcellodebernardi/loss-landscapes puts the centre off-grid and
@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from weightspace.results import Result, to_jsonable
 from weightspace import state as _eval
-from analysis.connectivity import _fn_name, _jsonable, _metric_names
+from analysis.connectivity import _fn_name, _metric_names
+from weightspace.checks import check_data, check_model, check_module
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ def random_directions(model: nn.Module, n: int = 2, norm: str = "filter", ignore
     (moving along it scales the tensor by ``1 + a``, as in the paper's code) and stay Gaussian under
     ``"none"``. BatchNorm running statistics are buffers, not parameters: directions never move them.
     """
+    model = check_model(model, where="analysis.random_directions")
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
     if ignore not in ("biasbn", None):
@@ -103,7 +106,7 @@ def _flat_items(state: Mapping, keys: Sequence[str]) -> torch.Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class PCADirections:
+class PCADirections(Result):
     """Top principal directions of a training trajectory (Li et al. 2018, Sec. 7).
 
     Attributes
@@ -213,7 +216,7 @@ def pca_directions(trajectory: Sequence[Union[Mapping, nn.Module]], n: int = 2, 
 
 
 @dataclass(frozen=True, eq=False)
-class Landscape:
+class Landscape(Result):
     """A 1-D or 2-D slice of a loss landscape.
 
     Attributes
@@ -239,10 +242,11 @@ class Landscape:
     trajectory: Optional[np.ndarray] = None
     explained_variance_ratio: Optional[np.ndarray] = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict (directions themselves left out; their norms kept)."""
-        return _jsonable({"coords": list(self.coords), "values": self.values, "dims": self.dims,
+        return to_jsonable({"coords": list(self.coords), "values": self.values, "dims": self.dims,
                           "center": self.center, "direction_norms": list(self.direction_norms),
                           "trajectory": self.trajectory, "explained_variance_ratio": self.explained_variance_ratio,
                           "settings": self.settings})
@@ -322,6 +326,8 @@ def landscape(model: nn.Module, data: Any, *, directions: Union[str, Sequence[Ma
     -------
     Landscape
     """
+    model = check_module(model, where="analysis.landscape")
+    check_data(data, where="analysis.landscape")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     params = _param_dict(model)

@@ -13,7 +13,7 @@ after a flatten), chosen by ``weight=``:
 * ``"abs_sum"``: ``w_e = sum_k |a_e[k]|``;
 * ``"l2"``: ``w_e = ||a_e||_2``.
 
-Node strength (the paper's definition; REFERENCES.md section 4.10) is the **signed** sum
+Node strength (the definition of La Malfa et al. 2021, arXiv:2110.02628) is the **signed** sum
 
     s_in(i)  = b_i + sum_{e = (j -> i)} w_e          (b_i: the node's ``bias`` feature, 0 if none)
     s_out(i) =       sum_{e = (i -> j)} w_e
@@ -54,11 +54,14 @@ core; measured 1.3 s for an MLP 64-128-128-10, N = 330, E = 25,856, N * E = 8.5e
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from weightspace.checks import check_inputs, check_model
+from weightspace.results import Result
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,12 @@ _WEIGHTS = ("sum", "abs_sum", "l2")
 _BOUNDARIES = ("unit", "zero")
 _CENTRALITIES = ("degree", "in_degree", "out_degree", "pagerank", "eigenvector", "betweenness")
 _BETWEENNESS_DISTANCES = ("inverse_abs", "hops")
-_PAPER = "La Malfa et al., Characterizing learning dynamics of deep neural networks via complex networks, arXiv:2110.02628"
+_PAPER = ("La Malfa et al., Characterizing learning dynamics of deep neural networks via complex networks, "
+          "arXiv:2110.02628")
 
 
 @dataclass(frozen=True)
-class NetworkMetrics:
+class NetworkMetrics(Result):
     """Result of :func:`network_metrics`. Node arrays are indexed by the graph's global node id.
 
     Attributes
@@ -121,6 +125,7 @@ class NetworkMetrics:
     num_nodes: int = 0
     num_edges: int = 0
     settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
 
     def layer_strength(self, layer: int) -> np.ndarray:
         """Strengths of the nodes of layer ``layer`` (in node order)."""
@@ -143,11 +148,6 @@ class NetworkMetrics:
             raise ValueError(f"direction must be 'in', 'out' or 'total', got {direction!r}")
         return np.bincount(deg, minlength=1)
 
-    def as_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["settings"] = dict(self.settings)
-        d["centralities"] = dict(self.centralities)
-        return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +207,11 @@ def network_metrics(
     -------
     NetworkMetrics
     """
+    if type(model_or_graph).__name__ != "NeuralGraph":
+        check_model(model_or_graph, "model_or_graph", where="analysis.network_metrics",
+                    expected="a torch.nn.Module or a weightspace.NeuralGraph")
+        if example_inputs is not None:
+            check_inputs(example_inputs, where="analysis.network_metrics")
     g = _as_graph(model_or_graph, example_inputs)
     if weight not in _WEIGHTS:
         raise ValueError(f"weight must be one of {_WEIGHTS}, got {weight!r}")
@@ -257,7 +262,8 @@ def network_metrics(
         b = _node_bias(g)
         if not np.isfinite(b).all():
             li = int(node_layer[np.flatnonzero(~np.isfinite(b))[0]])
-            raise ValueError(f"bias of layer {li} ({g.layers[li].name!r}) holds NaN/inf; fix the model's parameters first")
+            raise ValueError(f"bias of layer {li} ({g.layers[li].name!r}) holds NaN/inf; fix the model's parameters "
+                             "first")
         in_s = in_s + b
     sources, sinks = _boundary_layers(g, src_all, dst_all, node_layer)
     if boundary == "unit":
@@ -347,7 +353,8 @@ def _node_bias(g) -> np.ndarray:
     return g.x[:, names.index("bias")].detach().to(torch.float64).numpy().copy()
 
 
-def _boundary_layers(g, src_all: np.ndarray, dst_all: np.ndarray, node_layer: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _boundary_layers(g, src_all: np.ndarray, dst_all: np.ndarray, node_layer: np.ndarray) -> Tuple[np.ndarray,
+                                                                                                   np.ndarray]:
     """Source layers (no incoming edge of any type) and sink layers (kind ``output``, or no outgoing
     edge of any type and not a ``key`` layer, whose units end in the attention scores)."""
     L = len(g.layers)
@@ -358,7 +365,8 @@ def _boundary_layers(g, src_all: np.ndarray, dst_all: np.ndarray, node_layer: np
         has_out[np.unique(node_layer[src_all])] = True
     kinds = [l.kind for l in g.layers]
     sources = np.array([i for i in range(L) if not has_in[i]], dtype=np.int64)
-    sinks = np.array([i for i in range(L) if kinds[i] == "output" or (not has_out[i] and kinds[i] != "key")], dtype=np.int64)
+    sinks = np.array([i for i in range(L) if kinds[i] == "output" or (not has_out[i] and kinds[i] != "key")],
+                     dtype=np.int64)
     return sources, sinks
 
 

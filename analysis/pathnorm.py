@@ -15,7 +15,8 @@ sum-pools with the same geometry, feed an all-ones input and sum the outputs: th
 ``||Phi||_q^q`` (all pre-activations are >= 0, so the ReLUs act as the identity and skip connections add
 their paths automatically).
 
-What this implementation does differently from the published toolkit (REFERENCES.md section 4.7):
+What this implementation does differently from the published toolkit (Gonon, Brisebarre, Riccietti & Gribonval 2024,
+ICLR, arXiv:2310.01225):
 
 * BatchNorm (eval, running statistics) is an element-wise affine layer ``y = a x + b`` with
   ``a = gamma / sqrt(var + eps)`` and ``b = beta - a mu``; its edges get ``|a|^q`` and its bias
@@ -35,13 +36,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weightspace.checks import check_data, check_inputs, check_model
+from weightspace.results import Result
 from weightspace.utils import iter_batches, module_mode
 
 from ._pathnorm_recipe import UnsupportedOperationError, _run_ones, _safe_exp
@@ -52,7 +55,7 @@ __all__ = ["path_norm", "path_norm_bound", "PathNorm", "PathNormBound", "Unsuppo
 
 
 @dataclass(frozen=True)
-class PathNorm:
+class PathNorm(Result):
     """Result of :func:`path_norm`.
 
     Attributes
@@ -72,21 +75,21 @@ class PathNorm:
     log_value: float
     q: float
     settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def value_q(self) -> float:
         """``||Phi||_q^q`` (the sum of the outputs of the recipe)."""
         return _safe_exp(self.q * self.log_value)
 
-    def as_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["settings"] = dict(self.settings)
+    def to_dict(self) -> Dict[str, Any]:
+        d = super().to_dict()
         d["value_q"] = self.value_q
         return d
 
 
 @dataclass(frozen=True)
-class PathNormBound:
+class PathNormBound(Result):
     """Result of :func:`path_norm_bound` (see its docstring for every quantity)."""
 
     bound: float
@@ -107,12 +110,7 @@ class PathNormBound:
     d_out: int
     theorem: str = "Gonon et al. 2024 (arXiv:2310.01225), Theorem 3.1"
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["settings"] = dict(self.settings)
-        return d
-
+    log: Mapping[str, Any] = field(default_factory=dict)
 
 def path_norm(model: nn.Module, example_inputs, q: float = 1, *, device=None) -> PathNorm:
     """L^q path-norm ``||Phi(theta)||_q`` of a DAG ReLU network (Gonon et al., ICLR 2024, arXiv:2310.01225).
@@ -162,6 +160,8 @@ def path_norm(model: nn.Module, example_inputs, q: float = 1, *, device=None) ->
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
     >>> pn = analysis.path_norm(net, torch.zeros(1, 2), q=2)   # doctest: +SKIP
     """
+    model = check_model(model, where="analysis.path_norm")
+    check_inputs(example_inputs, where="analysis.path_norm")
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or q < 1:
         raise ValueError(f"q must be a finite number >= 1, got {q!r} (q = inf is not implemented)")
     run = _run_ones(model, example_inputs, q, device)
@@ -238,6 +238,10 @@ def path_norm_bound(model: nn.Module, example_inputs, data, *, loss: str = "marg
         Inputs with a batch dimension (their per-sample shape gives ``d_in``); None uses the first
         batch of ``data``.
     """
+    model = check_model(model, where="analysis.path_norm_bound")
+    if example_inputs is not None:
+        check_inputs(example_inputs, where="analysis.path_norm_bound")
+    check_data(data, where="analysis.path_norm_bound")
     if loss not in ("margin", "cross_entropy"):
         raise ValueError(f"loss must be 'margin' or 'cross_entropy', got {loss!r}")
     if not 0.0 <= t <= 1.0:

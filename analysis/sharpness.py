@@ -10,7 +10,7 @@ evaluated functionally at the model's parameters (``torch.func.functional_call``
 and cloned buffers, double backward for ``H v``). The model is never modified; it is evaluated in eval
 mode by default and every module's train/eval flag is restored afterwards.
 
-Known pitfall (REFERENCES.md section 4.11): plain power iteration converges to the eigenvalue of
+Known pitfall (of PyHessian, Yao et al. 2020, arXiv:1912.07145): plain power iteration converges to the eigenvalue of
 largest **magnitude**, so on a concave loss it returns a negative number that is not ``lambda_max``.
 Here ``which="LA"`` (largest algebraic, the default) uses Lanczos, or power iteration on the shifted
 operator ``H + |mu| I`` where ``mu`` is the largest-magnitude eigenvalue; ``which="LM"`` asks for the
@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from weightspace.checks import check_data, check_model
+from weightspace.results import Result
 from weightspace.utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ __all__ = ["hessian_eigenvalues", "hessian_trace", "HessianEigen", "HessianTrace
 
 
 @dataclass(frozen=True)
-class HessianEigen:
+class HessianEigen(Result):
     """Top Hessian eigenpairs.
 
     Attributes
@@ -59,26 +61,17 @@ class HessianEigen:
     method: str
     which: str
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {"eigenvalues": list(self.eigenvalues), "residuals": list(self.residuals),
-                "converged": self.converged, "n_iter": self.n_iter, "method": self.method,
-                "which": self.which, "settings": dict(self.settings)}
-
+    log: Mapping[str, Any] = field(default_factory=dict)
 
 @dataclass(frozen=True)
-class HessianTrace:
+class HessianTrace(Result):
     """Hutchinson estimate ``tr H ~ mean_i v_i^T H v_i`` with Rademacher ``v_i``."""
 
     mean: float
     std_error: float
     samples: Tuple[float, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {"mean": self.mean, "std_error": self.std_error, "samples": list(self.samples),
-                "settings": dict(self.settings)}
-
+    log: Mapping[str, Any] = field(default_factory=dict)
 
 # ----------------------------------------------------------------------------------------------
 class _HVP:
@@ -300,6 +293,8 @@ def hessian_eigenvalues(model: nn.Module, data, k: int = 1, loss_fn: Optional[Ca
     >>> X, Y = torch.randn(20, 3), torch.randn(20, 1)
     >>> analysis.hessian_eigenvalues(net, (X, Y), k=2).eigenvalues   # doctest: +SKIP
     """
+    model = check_model(model, where="analysis.hessian_eigenvalues")
+    check_data(data, where="analysis.hessian_eigenvalues")
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     if which not in ("LA", "LM", "SA"):
@@ -345,6 +340,8 @@ def hessian_trace(model: nn.Module, data, n_samples: int = 100, seed: int = 0, l
     ``torch.Generator`` seeded with ``seed``. Same ``data``/``loss_fn``/``mode`` conventions as
     :func:`hessian_eigenvalues`.
     """
+    model = check_model(model, where="analysis.hessian_trace")
+    check_data(data, where="analysis.hessian_trace")
     if not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}")
     with _mode(model, mode):

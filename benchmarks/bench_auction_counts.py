@@ -14,7 +14,8 @@ solved with SciPy: a certified answer that costs more than the optimum would be 
 
 Usage::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_auction_counts.py                  # (16,256), (128,64): 10 seeds; (128,256): 2
+    OMP_NUM_THREADS=2 python benchmarks/bench_auction_counts.py                  # (16,256), (128,64): 10 seeds;
+    (128,256): 2
     OMP_NUM_THREADS=2 python benchmarks/bench_auction_counts.py --sizes 16x256 --seeds 3
 """
 from __future__ import annotations

@@ -103,8 +103,10 @@ def main() -> None:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     print(f"digits, {'-'.join(map(str, WIDTHS))}-10 softmax, Adam lr={args.lr}, batch={args.batch}, "
-          f"{args.epochs} epochs on 1200 train images; MI on all 1797 at {len(record_epochs(args.epochs, args.records))} "
-          f"log-spaced epochs; binning 30 bins ('auto' ranges), binning-q 30 quantile bins, KDE upper bound sigma2={args.sigma2}; units: bits; "
+          f"{args.epochs} epochs on 1200 train images; MI on all 1797 at "
+          f"{len(record_epochs(args.epochs, args.records))} "
+          "log-spaced epochs; binning 30 bins ('auto' ranges), binning-q 30 quantile bins, KDE upper bound "
+          f"sigma2={args.sigma2}; units: bits; "
           f"compression = peak precedes last 10% of records and drop > {args.rel:.0%} of peak\n")
     summary = []
     for act in args.activation:
@@ -113,14 +115,16 @@ def main() -> None:
             trackers, acc_tr, acc_te, t_mi = run(act, seed, args.epochs, args.records, args.sigma2, args.lr, args.batch)
             print(f"### {act}, seed {seed}: train acc {acc_tr:.3f}, test acc {acc_te:.3f}, "
                   f"{time.perf_counter() - t0:.0f} s ({t_mi:.0f} s estimating MI)\n")
-            print("| layer | width | estimator | I(X;T) ep 0 | peak (epoch) | final | drop | compressed | I(T;Y) final |")
+            print("| layer | width | estimator | I(X;T) ep 0 | peak (epoch) | final | drop | compressed | I(T;Y) final "
+                  "|")
             print("|---|---|---|---|---|---|---|---|---|")
             for est, tr in trackers.items():
                 comp = tr.compression(rel_threshold=args.rel, final_fraction=0.1)
                 for li, (layer, traj) in enumerate(tr.trajectories.items()):
                     c = comp[layer]
                     width = (list(WIDTHS[1:]) + [10])[li]
-                    print(f"| {layer} | {width} | {est} | {traj['i_xt'][0]:.3f} | {c['peak']:.3f} ({c['peak_epoch']}) | "
+                    print(f"| {layer} | {width} | {est} | {traj['i_xt'][0]:.3f} | {c['peak']:.3f} ({c['peak_epoch']}) "
+                          "| "
                           f"{c['final']:.3f} | {c['drop']:.3f} | {'yes' if c['compressed'] else 'no'} | "
                           f"{traj['i_ty'][-1]:.3f} |")
                     summary.append((act, seed, est, layer, c["compressed"]))

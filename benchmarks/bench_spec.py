@@ -45,10 +45,12 @@ def main(argv=None):
         import transformers
 
         L, H = (4, 256) if args.quick else (12, 768)
-        cfg = transformers.BertConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=H // 64, intermediate_size=4 * H)
+        cfg = transformers.BertConfig(num_hidden_layers=L, hidden_size=H, num_attention_heads=H // 64,
+                                      intermediate_size=4 * H)
         bert = transformers.BertModel(cfg).eval()
         ids = torch.randint(0, cfg.vocab_size, (1, 16))
-        cases.append((f"BERT encoder {L} x {H} (HF transformers)", bert, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+        cases.append((f"BERT encoder {L} x {H} (HF transformers)", bert,
+                      {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
     except ImportError:
         print("transformers not installed: BERT skipped")
     for name, model, x in cases:
@@ -65,12 +67,15 @@ def main(argv=None):
             t_graph = timed(lambda: ws.NeuralGraph.from_model(model, x), 1)
             g = ws.NeuralGraph.from_model(model, x)
         rows.append((name, n_params, len(spec.groups), fwd, t_spec, t_check, t_graph, g))
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| model | params | groups | forward (s) | permutation_spec first / warm (s) | check_spec 1 trial (s) | NeuralGraph.from_model first / warm (s) | graph nodes / edges |")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}")
+    print("| model | params | groups | forward (s) | permutation_spec first / warm (s) | check_spec 1 trial (s) | "
+          "NeuralGraph.from_model first / warm (s) | graph nodes / edges |")
     print("|---|---|---|---|---|---|---|---|")
     for name, n, k, fwd, ts, tc, tg, g in rows:
         ge = f"{g.num_nodes:,} / {g.num_edges:,}" if g is not None else "-"
-        print(f"| {name} | {n / 1e6:.2f}M | {k} | {fwd:.3f} | {ts[0]:.3f} / {ts[1]:.3f} | {tc:.3f} | {tg[0]:.2f} / {tg[1]:.2f} | {ge} |")
+        print(f"| {name} | {n / 1e6:.2f}M | {k} | {fwd:.3f} | {ts[0]:.3f} / {ts[1]:.3f} | {tc:.3f} | {tg[0]:.2f} / "
+              f"{tg[1]:.2f} | {ge} |")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             model = zoo.make(name, seed=seed, **mkw)
             t0 = time.perf_counter()
-            res = zoo.train(model, train_data, seed=seed, device="cpu", **tkw)
+            zoo.train(model, train_data, seed=seed, device="cpu", **tkw)
             secs.append(time.perf_counter() - t0)
             accs.append(zoo.evaluate(model, test_data)[1])
         n_params = sum(p.numel() for p in model.parameters())

@@ -6,6 +6,8 @@ import ast
 import doctest
 import importlib
 import pkgutil
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
@@ -240,3 +242,73 @@ def test_public_docstring_examples_run(module):
     res = runner.summarize(verbose=False)
     assert res.failed == 0, f"{res.failed} doctest example(s) failed in {module} (run with -s for the report)"
 
+
+
+# data containers that are not results of a computation (no settings/log of their own)
+_NOT_RESULTS = {"PermutationSpec", "Axis", "GraphTensors", "Layer", "EdgeBlock", "NodeFeature", "Feat"}
+_ROWS = {"EpochRecord", "LayerSpectrum", "Barrier", "PCADirections", "FeatureStats", "CrossStats"}  # parts of a result
+
+
+def _exported_dataclasses():
+    import dataclasses as dc
+
+    out = []
+    for package in ("weightspace", "analysis", "weightspace.features", "weightspace.zoo", "weightspace.symmetry",
+                    "weightspace.graph", "weightspace.state"):
+        mod = importlib.import_module(package)
+        for name in getattr(mod, "__all__", ()):
+            obj = getattr(mod, name)
+            if isinstance(obj, type) and dc.is_dataclass(obj) and name not in _NOT_RESULTS:
+                out.append(obj)
+    return sorted(set(out), key=lambda c: c.__qualname__)
+
+
+def test_one_result_convention():
+    import dataclasses as dc
+
+    from weightspace.results import Result
+
+    classes = _exported_dataclasses()
+    assert len(classes) >= 15
+    for cls in classes:
+        assert issubclass(cls, Result), f"{cls.__qualname__} does not subclass weightspace.results.Result"
+        assert cls.__dataclass_params__.frozen, f"{cls.__qualname__} is not frozen"
+        assert not hasattr(cls, "as_dict"), f"{cls.__qualname__} still has as_dict (use to_dict)"
+        names = {f.name for f in dc.fields(cls)}
+        if cls.__name__ not in _ROWS:
+            assert {"settings", "log"} <= names, f"{cls.__qualname__} lacks settings/log fields"
+
+
+def test_result_to_dict_is_json_and_stamps_versions():
+    import json
+
+    import numpy as np
+    import torch
+
+    import analysis
+
+    res = analysis.fit_power_law(np.random.default_rng(0).pareto(2.0, 500) + 1.0)
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["type"] == "PowerLawFit" and d["settings"]["versions"]["torch"] == torch.__version__
+    assert d["alpha"] == res.alpha
+
+
+def test_every_toolkit_error_has_one_base():
+    import analysis
+    import weightspace
+    from weightspace.io import CheckpointError
+    from weightspace.results import WeightspaceError
+
+    errors = {weightspace.SpecError: ValueError, weightspace.TraceError: RuntimeError,
+              weightspace.graph.GraphError: RuntimeError, CheckpointError: ValueError,
+              analysis.UnsupportedOperationError: ValueError}
+    for err, base in errors.items():
+        assert issubclass(err, WeightspaceError) and issubclass(err, base), err
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed: pip install -e '.[test]' (it is in the test extra)")
+    proc = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

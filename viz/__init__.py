@@ -14,8 +14,6 @@ from weightspace.lazy import lazy_dir, lazy_getattr
 _EXPORTS = {
     # reports
     "Report": "viz._report",
-    "ReportExistsError": "viz._report",
-    "MissingDirectoryError": "viz._report",
     "analysis_report": "viz._builders",
     "add_result": "viz._builders",
     "barrier_rows": "viz._builders",
@@ -51,6 +49,6 @@ _EXPORTS = {
     "BrowserUnavailable": "viz._browser",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
 __dir__ = lazy_dir(_EXPORTS)

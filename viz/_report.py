@@ -20,7 +20,6 @@ import html
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from numbers import Integral, Number
 from pathlib import Path
@@ -36,14 +35,6 @@ try:
     from weightspace.results import WeightspaceError as _Base
 except Exception:  # pragma: no cover
     _Base = Exception
-
-
-class ReportExistsError(_Base, FileExistsError):
-    """The target file exists and ``overwrite`` was not given."""
-
-
-class MissingDirectoryError(_Base, FileNotFoundError):
-    """The target's directory does not exist (reports never create directories)."""
 
 
 _CSP = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
@@ -250,43 +241,12 @@ class Report:
         return "\n".join(parts)
 
     def write(self, path: Union[str, os.PathLike], overwrite: bool = False) -> Path:
-        """Write the report atomically and return its path.
+        """Write the report atomically and return its path, after the toolkit's one output rule
+        (:func:`weightspace.io.check_output_path`): an existing file is replaced only with ``overwrite``
+        (``weightspace.io.OutputExistsError``, a ``FileExistsError``), a missing directory is named,
+        never created (``OutputPathError``). Nothing is left behind on failure."""
+        from weightspace.io import atomic_write
 
-        Raises :class:`ReportExistsError` (a ``FileExistsError``) if ``path`` exists and ``overwrite``
-        is False, and :class:`MissingDirectoryError` (a ``FileNotFoundError``) if its directory does
-        not exist. Nothing is left behind on failure.
-        """
-        path = Path(path)
-        if path.is_dir():
-            raise ReportExistsError(f"{path} is a directory; give a file name such as {path / 'report.html'}")
-        if path.exists() and not overwrite:
-            raise ReportExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise MissingDirectoryError(f"directory {parent} does not exist; create it first (reports never create "
-                                        "directories)")
-        text = self.to_html()
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is an ordinary file
-            if overwrite:
-                os.replace(tmp, path)
-            else:  # a hard link never clobbers: a file created meanwhile is not replaced
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise ReportExistsError(f"{path} appeared while writing; pass overwrite=True to replace it") from None
-                except OSError:  # no hard links on this file system
-                    os.replace(tmp, path)
-                else:
-                    os.unlink(tmp)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        log.info("wrote %s (%d figures, %d bytes)", path, self.num_figures, len(text.encode("utf-8")))
+        path = atomic_write(path, self.to_html(), overwrite=overwrite, flag="overwrite=True (or --overwrite)")
+        log.info("wrote %s (%d figures)", path, self.num_figures)
         return path

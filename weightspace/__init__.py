@@ -42,6 +42,6 @@ _EXPORTS = {
     "WeightspaceError": "weightspace.results",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
 __dir__ = lazy_dir(_EXPORTS)

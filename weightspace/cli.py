@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,13 +24,17 @@ import torch
 log = logging.getLogger("weightspace.cli")
 
 
+class UsageError(SystemExit):
+    """A bad command line: printed as one ``error:`` line, exit status 2 (argparse's convention)."""
+
+
 def _parse_shape(text: str) -> tuple:
     try:
         shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
     except ValueError:
-        raise SystemExit(f"--input-shape must be comma-separated integers such as 1,3,32,32, got {text!r}")
+        raise UsageError(f"error: --input-shape must be comma-separated integers such as 1,3,32,32, got {text!r}")
     if not shape or any(s < 1 for s in shape):
-        raise SystemExit(f"--input-shape must be positive integers, got {text!r}")
+        raise UsageError(f"error: --input-shape must be positive integers, got {text!r}")
     return shape
 
 
@@ -41,20 +46,62 @@ def _example(args) -> Any:
     return torch.randn(shape, generator=g)
 
 
-def _build(args) -> torch.nn.Module:
-    from weightspace.io import build_model, load_into
+def _model_kwargs(args) -> dict:
+    """``--model-kwargs`` as a dict; a malformed value names the flag and shows the expected form."""
+    if not args.model_kwargs:
+        return {}
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"error: --model-kwargs is not valid JSON ({exc.msg} at character {exc.pos} of "
+                         f"{args.model_kwargs!r}); write a JSON object such as '{{\"width\": 4}}' (double quotes)")
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"error: --model-kwargs must be a JSON object of keyword arguments such as "
+                         f"'{{\"width\": 4}}', got a JSON {type(kwargs).__name__}")
+    return kwargs
 
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model = build_model(args.model, **kwargs)
+
+def _build_model(args) -> torch.nn.Module:
+    from weightspace.io import build_model
+
+    kwargs = _model_kwargs(args)
+    try:
+        return build_model(args.model, **kwargs)
+    except TypeError as exc:
+        if kwargs and "argument" in str(exc):
+            raise UsageError(f"error: the factory {args.model!r} does not accept --model-kwargs "
+                             f"{args.model_kwargs}: {exc}")
+        raise
+
+
+def _build(args) -> torch.nn.Module:
+    from weightspace.io import load_into
+
+    model = _build_model(args)
     if getattr(args, "checkpoint", None):
         model = load_into(model, args.checkpoint)
     return model
 
 
+def _output(path: Optional[str], args, flag: str) -> Optional[Path]:
+    """Validate an output path before any work (one rule for every writer: refuse to overwrite without
+    ``--overwrite``, never create a missing directory)."""
+    if path is None:
+        return None
+    from weightspace.io import OutputPathError, check_output_path
+
+    try:
+        return check_output_path(path, overwrite=args.overwrite, flag="--overwrite")
+    except (OutputPathError, FileExistsError) as exc:
+        raise UsageError(f"error: {flag} {path}: {exc}")
+
+
 # ---------------------------------------------------------------------------------------------
 def cmd_spec(args) -> int:
     import weightspace as ws
+    from weightspace.io import atomic_write
 
+    out = _output(args.json, args, "--json")
     model, x = _build(args), _example(args)
     t = time.perf_counter()
     spec = ws.permutation_spec(model, x)
@@ -63,11 +110,13 @@ def cmd_spec(args) -> int:
     print(f"\n{len(spec.groups)} permutation groups found in {took:.2f} s")
     if args.check:
         report = ws.check_spec(model, spec, x, trials=args.trials)
-        print("check_spec: largest relative output change " + ", ".join(f"{m} {d:.2e}" for m, d in report.max_rel_diff.items()))
-    if args.json:
+        print(f"check_spec ({len(report.inputs)} inputs: the example and {len(report.inputs) - 1} perturbed copies): "
+              "largest relative output change " + ", ".join(f"{m} {d:.2e}" for m, d in report.max_rel_diff.items()))
+    if out is not None:
         _, a2p = spec.to_rebasin()
-        Path(args.json).write_text(json.dumps({"groups": dict(spec.groups), "axes_to_perm": a2p}, indent=1))
-        print(f"wrote {args.json}")
+        atomic_write(out, json.dumps({"groups": dict(spec.groups), "axes_to_perm": a2p}, indent=1) + "\n",
+                     overwrite=args.overwrite, flag="--overwrite")
+        print(f"wrote {out}")
     return 0
 
 
@@ -126,14 +175,11 @@ def cmd_analyze(args) -> int:
     """Metrics of one checkpoint (and its connectivity to a second) on the embedded digits."""
     import analysis
     import viz
-    from weightspace.io import build_model, load_into
+    from weightspace.io import load_into
 
-    out = Path(args.report)
-    if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model = load_into(build_model(args.model, **kwargs), args.checkpoint)
+    out = _output(args.report, args, "--report")
+    model = load_into(_build_model(args), args.checkpoint)
+    other = load_into(_build_model(args), args.compare) if args.compare else None  # fail before the long work
     x = _example(args)
     train, test = _digits_for(model, x)
     report = viz.Report(f"weightspace analyze: {Path(args.checkpoint).name}")
@@ -153,7 +199,6 @@ def cmd_analyze(args) -> int:
     report.add_text("\n".join(lines), title="Summary")
     report.add(viz.landscape_figure(land, metric="loss", split="test"), title="Filter-normalised loss landscape (test)")
     if args.compare:
-        other = load_into(build_model(args.model, **kwargs), args.compare)
         curve = analysis.interpolate(model, other, {"train": train, "test": test}, alphas=args.alphas)
         b = curve.barrier("loss", split="test")
         lines.append(f"loss barrier to {Path(args.compare).name} (chord, test): {b.value:.4f} at alpha {b.alpha:.2f}")
@@ -167,93 +212,64 @@ def cmd_analyze(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    """Train two digits MLPs, discover their symmetry, show that a permutation changes no output but
-    breaks naive interpolation, and write an offline HTML report."""
-    import analysis
-    import viz
-    import weightspace as ws
-    from weightspace import zoo
+    """Train digits models, merge them with several methods, measure them and write an offline report
+    (see :mod:`weightspace._cli_demo`)."""
+    from weightspace import _cli_demo
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    progress = (lambda *a: None) if args.quiet else print
-    t0 = time.perf_counter()
-    train, test = zoo.load_digits("train"), zoo.load_digits("test")
-    models, results = [], []
-    for seed in (args.seed, args.seed + 1):
-        m = zoo.MLP(64, (args.width, args.width), 10, seed=seed)
-        r = zoo.train(m, train, epochs=args.epochs, lr=1e-3, seed=seed, device=args.device, eval_data=test)
-        models.append(m)
-        results.append(r)
-        progress(f"trained MLP 64-{args.width}-{args.width}-10 (seed {seed}) in {r.seconds:.1f} s: test accuracy {r.test_accuracy:.3f}")
-    a, b = models
-    x = zoo.example_inputs(a, batch=8)
-    spec = ws.permutation_spec(a, x)
-    progress(f"\n{spec}\n")
-    check = ws.check_spec(a, spec, x)
-    perms = ws.random_permutation(spec, seed=args.seed)
-    a_perm = ws.permute(a, spec, perms)
-    with torch.no_grad():
-        same = (a.eval()(test[0]) - a_perm.eval()(test[0])).abs().max().item()
-    progress(f"check_spec: max relative output change {max(check.max_rel_diff.values()):.1e}; "
-             f"A vs permuted A on the test set: max |logit difference| {same:.1e}")
-    data = {"train": train, "test": test}
-    curve_perm = analysis.interpolate(a, a_perm, data, alphas=args.alphas)
-    curve_ab = analysis.interpolate(a, b, data, alphas=args.alphas)
-    curve_back = analysis.interpolate(a, ws.permute(a_perm, spec, ws.invert_permutation(perms)), data, alphas=args.alphas)
-    rows = [("A vs permuted A", curve_perm), ("A vs B (independent seeds)", curve_ab), ("A vs permuted A, permutation undone", curve_back)]
-    progress("\nlinear-mode-connectivity barriers on the test split (chord variant, Entezari et al. 2022):")
-    for label, c in rows:
-        bl, be = c.barrier("loss", split="test"), c.barrier("error", split="test")
-        progress(f"  {label:<40} loss barrier {bl.value:7.4f}   error barrier {be.value:7.4f}")
-    try:
-        pn_a, pn_p = analysis.path_norm(a, x, q=1), analysis.path_norm(a_perm, x, q=1)
-        progress(f"\nL1 path-norm of A {pn_a.value:.6g}; of permuted A {pn_p.value:.6g} (invariant)")
-    except Exception as exc:  # reported, not fatal: the rest of the demo does not depend on it
-        log.warning("path-norm skipped: %s", exc)
-    graph = ws.NeuralGraph.from_model(a, x)
-    progress(f"neural graph of A: {graph.num_nodes} nodes, {graph.num_edges} edges")
-    land = analysis.landscape(a, {"test": test}, grid=args.grid, dims=2, metrics=("loss",), seed=args.seed)
-    report = viz.Report("weightspace demo: permutation symmetry and mode connectivity on digits")
-    report.add_text(
-        f"Two MLPs 64-{args.width}-{args.width}-10 trained on scikit-learn digits (seeds {args.seed}, {args.seed + 1}; "
-        f"test accuracy {results[0].test_accuracy:.3f} and {results[1].test_accuracy:.3f}). "
-        f"weightspace.permutation_spec found {len(spec.groups)} groups by tracing; a random permutation of A changes "
-        f"no output (max |logit difference| {same:.1e}) but its straight line to A crosses a loss barrier."
-    )
-    report.add_text(str(spec), title="Discovered permutation spec")
-    report.add(viz.barrier_figure({label: c for label, c in rows}, metric="loss", split="test"), title="Loss along linear paths (test)")
-    report.add(viz.barrier_figure({label: c for label, c in rows}, metric="error", split="test"), title="Error along linear paths (test)")
-    report.add(viz.landscape_figure(land, metric="loss", split="test"), title="Filter-normalised 2-D loss landscape around A (Li et al. 2018)")
-    report.write(out, overwrite=args.overwrite)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
-    return 0
+    _output(args.out, args, "--out")  # refuse a bad --out before any work
+    say = (lambda *a: None) if args.quiet else print
+    return _cli_demo.run(args, say, lambda label: _Progress(label, args.quiet))
 
 
 # ---------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="weightspace", description="Weight-space analysis and model merging.")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors and the final line")
-    sub = p.add_subparsers(dest="command", required=True)
+def _count(least: int, what: str = "a count"):
+    """An argparse type: an integer >= ``least`` (``--trials 0`` would check nothing and say so with exit 0)."""
 
-    d = sub.add_parser("demo", help="train two digits MLPs, discover the spec, permute, measure, write a report")
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+        if v < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least} ({what}), got {v}")
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _verbosity(sub: bool) -> argparse.ArgumentParser:
+    """-q/-v, accepted before and after the subcommand (the subcommand's copy has its own dest; main()
+    adds them up)."""
+    p = argparse.ArgumentParser(add_help=False)
+    suffix = "_sub" if sub else ""
+    p.add_argument("-v", "--verbose", action="count", default=0, dest="verbose" + suffix,
+                   help="more log output (-vv for debug and tracebacks)")
+    p.add_argument("-q", "--quiet", action="store_true", dest="quiet" + suffix, help="only errors and the final line")
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="weightspace", description="Weight-space analysis and model merging.",
+                                parents=[_verbosity(False)])
+    sub = p.add_subparsers(dest="command", required=True)
+    common = _verbosity(True)
+
+    d = sub.add_parser("demo", parents=[common], help="train digits models, merge them with several methods, measure, write an offline report")
     d.add_argument("--out", default="demo.html", help="HTML report to write (default demo.html)")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--epochs", type=int, default=20)
-    d.add_argument("--width", type=int, default=128)
-    d.add_argument("--alphas", type=int, default=25)
-    d.add_argument("--grid", type=int, default=21, help="landscape grid points per axis")
+    d.add_argument("--epochs", type=_count(1, "training epochs"), default=20)
+    d.add_argument("--width", type=_count(1, "hidden units"), default=128)
+    d.add_argument("--alphas", type=_count(2, "interpolation points, ends included"), default=25)
+    d.add_argument("--grid", type=_count(2, "points per axis"), default=15, help="loss-plane grid points per axis")
     d.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     d.set_defaults(func=cmd_demo)
 
     for name, func, text in (("spec", cmd_spec, "print the permutation spec discovered by tracing"),
                              ("graph", cmd_graph, "print the neural computational graph"),
                              ("analyze", cmd_analyze, "landscape, path-norm, sharpness and spectra of a checkpoint on digits")):
-        s = sub.add_parser(name, help=text)
+        s = sub.add_parser(name, parents=[common], help=text)
         if name == "analyze":
             s.add_argument("checkpoint", help="weights (.safetensors or .pt state dict)")
         s.add_argument("--model", required=True, help="model factory as pkg.module:callable (or a zoo name: mlp, vgg, resnet20, vit)")
@@ -262,33 +278,48 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--checkpoint", default=None, help="optional weights (.safetensors or .pt state dict)")
         s.add_argument("--input-shape", required=name != "analyze", default="2,64", help="example input shape, e.g. 1,3,32,32")
         s.add_argument("--input-dtype", choices=("float32", "long"), default="float32")
-        s.add_argument("--input-high", type=int, default=100, help="exclusive upper bound for --input-dtype long")
+        s.add_argument("--input-high", type=_count(1, "token ids are drawn from [0, high)"), default=100, help="exclusive upper bound for --input-dtype long")
         s.add_argument("--seed", type=int, default=0)
         s.set_defaults(func=func)
         if name == "analyze":
             s.add_argument("--report", default="analysis.html", help="HTML report to write")
             s.add_argument("--overwrite", action="store_true")
             s.add_argument("--compare", default=None, help="a second checkpoint: interpolation and barrier")
-            s.add_argument("--grid", type=int, default=21)
-            s.add_argument("--alphas", type=int, default=25)
+            s.add_argument("--grid", type=_count(2, "points per axis"), default=21)
+            s.add_argument("--alphas", type=_count(2, "interpolation points, ends included"), default=25)
         elif name == "spec":
             s.add_argument("--check", action="store_true", help="also verify the spec numerically")
-            s.add_argument("--trials", type=int, default=3)
+            s.add_argument("--trials", type=_count(1, "random permutations per mode"), default=3)
             s.add_argument("--json", default=None, help="write groups and Git Re-Basin axes_to_perm to this file")
+            s.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
         else:
-            s.add_argument("--max-layers", type=int, default=40)
+            s.add_argument("--max-layers", type=_count(1, "layers to list"), default=40)
     from weightspace import _cli_merge  # the merge command lives in its own module
 
     _cli_merge.add_parser(sub)
     return p
 
 
+def _cwd_importable() -> None:
+    """``--model mypkg.models:build`` resolves against the current directory, as under ``python -m
+    weightspace`` (the console script's ``sys.path`` starts at its own bin directory instead)."""
+    cwd = os.getcwd()
+    if cwd not in [os.path.abspath(p or os.curdir) for p in sys.path]:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    args.verbose = args.verbose + getattr(args, "verbose_sub", 0)
+    args.quiet = args.quiet or getattr(args, "quiet_sub", False)
+    _cwd_importable()
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(str(exc.code), file=sys.stderr)
+        return 2
     except Exception as exc:  # the CLI turns errors into one readable line; -vv shows the traceback
         if args.verbose >= 2:
             raise

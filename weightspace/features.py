@@ -35,11 +35,14 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from weightspace.checks import NonFiniteError, check_data, check_model, check_module
+from weightspace.results import Result
 from weightspace.utils import call_model, iter_batches, model_device, module_mode, resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["capture", "capture_labelled", "call_order", "activation_stats", "cross_stats", "FeatureStats", "CrossStats", "resolve_points",
+__all__ = ["capture", "capture_labelled", "call_order", "activation_stats", "cross_stats", "FeatureStats", "CrossStats",
+           "resolve_points",
            "StreamingMoments", "group_points"]
 
 Points = Union[str, Sequence[str]]
@@ -54,7 +57,7 @@ _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.Gr
 
 
 @dataclass(frozen=True)
-class FeatureStats:
+class FeatureStats(Result):
     """Streaming statistics of one point's features (all float64, on the CPU).
 
     ``count`` rows (samples times spatial positions) of ``C`` features; ``mean`` (C,);
@@ -87,7 +90,7 @@ class FeatureStats:
 
 
 @dataclass(frozen=True)
-class CrossStats:
+class CrossStats(Result):
     """Joint statistics of a point of model A (C_a features) and one of model B (C_b), float64.
 
     ``cov_ab`` (C_a, C_b) is the cross-covariance; ``corr = cov_ab / (std_a std_b^T + eps)`` is the
@@ -128,8 +131,9 @@ class StreamingMoments:
     diagonal of M2 is kept (O(C) memory for very wide layers).
     """
 
-    def __init__(self, full: bool = True) -> None:
+    def __init__(self, full: bool = True, name: str = "features") -> None:
         self.full = full
+        self.name = name
         self.n = 0
         self.mean: Optional[torch.Tensor] = None
         self.m2: Optional[torch.Tensor] = None
@@ -139,6 +143,10 @@ class StreamingMoments:
         nb = x.shape[0]
         if nb == 0:
             return
+        if not bool(torch.isfinite(x).all()):  # one NaN row would turn every mean/cov/corr entry it touches into NaN
+            bad = (~torch.isfinite(x)).any(0).nonzero().flatten()[:5].tolist()
+            raise NonFiniteError(f"{self.name}: the activations hold NaN or inf (first feature columns {bad}); "
+                                 "check the inputs for NaN/inf and the model for overflow (e.g. run in float32)")
         mb = x.mean(0)
         xc = x - mb
         m2b = xc.T @ xc if self.full else (xc * xc).sum(0)
@@ -290,6 +298,8 @@ def capture(model: nn.Module, data: Any, points: Points, *, at: str = "output", 
     ``return_targets=True`` returns ``(activations, targets)`` with the batches' targets
     concatenated in the same order (None if the data has none).
     """
+    model = check_module(model, where="features.capture")
+    check_data(data, where="features.capture")
     modules = resolve_points(model, points)
     run_model, dev = _on_device(model, device)
     if run_model is not model:
@@ -323,12 +333,14 @@ def activation_stats(model: nn.Module, data: Any, points: Points, *, at: str = "
     ``feature_dim``) and merged batch by batch; memory is O(C^2) per point (O(C) with
     ``covariance=False``). ``ddof=0`` gives the population covariance, ``ddof=1`` matches ``np.cov``.
     """
+    model = check_model(model, where="features.activation_stats")
+    check_data(data, where="features.activation_stats")
     modules = resolve_points(model, points)
     run_model, dev = _on_device(model, device)
     if run_model is not model:
         modules = resolve_points(run_model, list(modules))
     sink: Dict[str, torch.Tensor] = {}
-    moments = {n: StreamingMoments(full=covariance) for n in modules}
+    moments = {n: StreamingMoments(full=covariance, name=f"activation_stats point {n!r}") for n in modules}
     fdims: Dict[str, int] = {}
     with _hooked(run_model, modules, at, sink):
         for x, _ in _batches(data, dev, max_batches):
@@ -364,6 +376,9 @@ def cross_stats(model_a: nn.Module, model_b: nn.Module, data: Any, points_a: Poi
     ``corr = cov_ab / (std_a std_b^T + eps)`` (REPAIR uses this with eps = 1e-4; dead units give 0).
     ``feature_dim`` may be a dict keyed by the names of model A's points (applied to both models).
     """
+    model_a = check_model(model_a, "model_a", where="features.cross_stats")
+    model_b = check_model(model_b, "model_b", where="features.cross_stats")
+    check_data(data, where="features.cross_stats")
     names_a = list(resolve_points(model_a, points_a))
     names_b = names_a if points_b is None else list(resolve_points(model_b, points_b))
     if points_b is not None and len(names_b) != len(names_a):
@@ -377,7 +392,7 @@ def cross_stats(model_a: nn.Module, model_b: nn.Module, data: Any, points_a: Poi
     mods_b = resolve_points(run_b, names_b)
     sink_a: Dict[str, torch.Tensor] = {}
     sink_b: Dict[str, torch.Tensor] = {}
-    moments = {na: StreamingMoments(full=True) for na in names_a}
+    moments = {na: StreamingMoments(full=True, name=f"cross_stats point {na!r}") for na in names_a}
     dims: Dict[str, Tuple[int, int, int, int]] = {}
     with _hooked(run_a, mods_a, at, sink_a), _hooked(run_b, mods_b, at, sink_b):
         for x, _ in _batches(data, dev, max_batches):

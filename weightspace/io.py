@@ -32,18 +32,96 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from weightspace.results import WeightspaceError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["save_state_dict", "load_state_dict", "read_metadata", "resolve_factory", "build_model",
-           "load_into", "CheckpointError"]
+           "load_into", "CheckpointError", "check_output_path", "atomic_write", "OutputPathError",
+           "OutputExistsError"]
 
 PathLike = Union[str, os.PathLike]
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _ORDER_KEY = "__weightspace_key_order__"  # safetensors sorts keys; the original order rides in the header
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightspaceError, ValueError):
     """A checkpoint file could not be read or written safely (the message names the file)."""
+
+
+class OutputPathError(WeightspaceError, ValueError):
+    """An output path cannot be written: its directory is missing, or it names a directory."""
+
+
+class OutputExistsError(WeightspaceError, FileExistsError, ValueError):
+    """An output file exists and no overwrite was asked for (also a ``FileExistsError``)."""
+
+
+def check_output_path(path: PathLike, *, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
+    """Validate an output file path before any work is done; return it as a ``Path``.
+
+    The one rule for every writer of the toolkit (``save_state_dict``, ``viz.Report.write``, the CLI):
+
+    * an existing file is never replaced unless ``overwrite`` (the message names ``flag``, e.g.
+      ``"--overwrite"`` for the command line) -> :class:`OutputExistsError`;
+    * a path naming a directory -> :class:`OutputPathError`;
+    * a missing parent directory is **not** created: :class:`OutputPathError` names it and says to
+      create it (a typo in a directory name should not silently create a tree, e.g. at ``/``).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an output path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise OutputPathError("the output path is empty; give a file name")
+    if path.is_dir():
+        raise OutputPathError(f"{path} is a directory; give a file name inside it (e.g. {path / 'out.html'})")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; refusing to overwrite it (pass {flag} to replace it)")
+    parent = path.parent
+    if not parent.exists():
+        raise OutputPathError(f"directory {parent} does not exist; create it first (mkdir -p {parent})")
+    if not parent.is_dir():
+        raise OutputPathError(f"{parent} is not a directory, so {path} cannot be written there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"directory {parent} is not writable; choose another output path")
+    return path
+
+
+def atomic_write(path: PathLike, data: Union[str, bytes, Callable[[str], None]], *, overwrite: bool = False,
+                 flag: str = "overwrite=True", mode: int = 0o666) -> Path:
+    """Write ``data`` to ``path`` atomically after :func:`check_output_path`; return the path.
+
+    ``data`` is text (UTF-8), bytes, or a callable ``writer(tmp_path)`` that writes the file itself
+    (e.g. ``torch.save``). It goes to a temporary file in the target directory, is flushed to disk
+    and moved into place with ``os.replace``, so a failure never leaves a partial file at ``path``
+    and an existing file is replaced (with ``overwrite``) in one step. The file gets ``mode`` minus
+    the umask (``mkstemp`` alone would create it 0600).
+    """
+    path = check_output_path(path, overwrite=overwrite, flag=flag)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, mode & ~umask)
+        if path.exists() and not overwrite:  # appeared while we were writing
+            raise OutputExistsError(f"{path} appeared while it was being written; refusing to overwrite it "
+                                    f"(pass {flag})")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
 
 
 def _has_safetensors() -> bool:
@@ -110,35 +188,18 @@ def save_state_dict(state_dict_or_module: Union[nn.Module, Mapping[str, torch.Te
     ``os.replace``, so a failure never leaves a partial file at ``path``. An existing ``path`` is
     never replaced unless ``overwrite=True``.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass overwrite=True to replace it)")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; give a file name")
-    if not path.parent.exists():
-        raise FileNotFoundError(f"directory {path.parent} does not exist; create it first")
+    path = check_output_path(path, overwrite=overwrite)
     tensors = _as_tensor_dict(state_dict_or_module)
     meta = _check_metadata(metadata)
     use_st = path.suffix == ".safetensors"
     if use_st and not _has_safetensors():
         raise ImportError(f"saving {path} needs the 'safetensors' package: pip install safetensors "
                           "(or use a .pt path to save with torch.save)")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if use_st:
-            _write_safetensors(_untie(tensors), tmp, meta)
-        else:
-            _write_torch(tensors if meta is None else {"state_dict": tensors, "metadata": meta}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    if use_st:
+        atomic_write(path, lambda tmp: _write_safetensors(_untie(tensors), tmp, meta), overwrite=overwrite)
+    else:
+        obj = tensors if meta is None else {"state_dict": tensors, "metadata": meta}
+        atomic_write(path, lambda tmp: _write_torch(obj, tmp), overwrite=overwrite)
     log.debug("saved %d tensors to %s", len(tensors), path)
     return path
 
@@ -222,7 +283,8 @@ def _unwrap(obj: Any, path: Path) -> Dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_state_dict(path: PathLike, map_location: Any = "cpu", *, check_finite: bool = False) -> Dict[str, torch.Tensor]:
+def load_state_dict(path: PathLike, map_location: Any = "cpu", *,
+                    check_finite: bool = False) -> Dict[str, torch.Tensor]:
     """Load a state dict from a safetensors or ``torch.save`` file, safely.
 
     The format is detected from the file's first bytes. Pickles are read with
@@ -340,7 +402,8 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def load_into(model: nn.Module, state_dict: Union[PathLike, Mapping[str, torch.Tensor]], strict: bool = True) -> nn.Module:
+def load_into(model: nn.Module, state_dict: Union[PathLike, Mapping[str, torch.Tensor]],
+              strict: bool = True) -> nn.Module:
     """Return a NEW copy of ``model`` holding the weights of ``state_dict`` (a mapping or a path).
 
     ``model`` itself is untouched. Missing and unexpected keys raise ``ValueError`` listing them

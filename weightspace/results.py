@@ -28,6 +28,7 @@ for a failure while running), so ``except ValueError`` in user code keeps workin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import platform
 from collections.abc import Mapping
@@ -89,11 +90,19 @@ def to_jsonable(x: Any) -> Any:
 class Result:
     """Mixin for frozen result dataclasses: ``to_dict()`` through :func:`to_jsonable`.
 
-    Subclasses are ``@dataclass(frozen=True)`` and usually have ``settings`` and ``log`` fields.
+    Subclasses are ``@dataclass(frozen=True)`` and usually have ``settings`` and ``log`` fields;
+    ``settings`` gets ``"versions"`` (:func:`versions`) added on construction. A subclass with its own
+    ``__post_init__`` calls ``super().__post_init__()``.
     ``_skip_in_dict`` names fields left out of ``to_dict()`` (modules, big tensors).
     """
 
     _skip_in_dict: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Stamp library versions into ``settings`` (when the result has one and they are missing)."""
+        settings = getattr(self, "settings", None)
+        if isinstance(settings, Mapping) and "versions" not in settings:
+            object.__setattr__(self, "settings", {**settings, "versions": versions()})
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"type": type(self).__name__}
@@ -104,13 +113,18 @@ class Result:
         return out
 
 
-def versions() -> Dict[str, str]:
-    """Versions of Python, torch, NumPy, SciPy and weightspace, for ``settings`` of results."""
+@functools.lru_cache(maxsize=1)
+def _versions() -> Tuple[Tuple[str, str], ...]:
     import numpy
     import scipy
     import torch
 
     from weightspace import __version__
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "scipy": scipy.__version__, "weightspace": __version__}
+    return (("python", platform.python_version()), ("torch", torch.__version__), ("numpy", numpy.__version__),
+            ("scipy", scipy.__version__), ("weightspace", __version__))
+
+
+def versions() -> Dict[str, str]:
+    """Versions of Python, torch, NumPy, SciPy and weightspace, for ``settings`` of results."""
+    return dict(_versions())

@@ -24,7 +24,7 @@ Metrics. ``"loss"`` (cross-entropy by default, or ``loss_fn(outputs, targets)``)
 included) may return a scalar — read as the *mean* over the batch — or one value per example.
 Every metric is accumulated as a **sum over examples** and divided by the number of examples at the
 end, so a small last batch gets its true weight (averaging batch means is the bias of the
-layer-wise LMC anchor code, see REFERENCES §4.2).
+layer-wise LMC reference code of Adilova et al. 2024, ICLR, arXiv:2307.06966).
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from weightspace.checks import check_data, check_module
+from weightspace.checks import check_finite as _check_finite
 from weightspace.tracing import TracingMode, flatten_tensors, traced_run
 from weightspace.utils import iter_batches, model_device, resolve_device
 
@@ -131,10 +133,9 @@ def check_compatible(a: Mapping, b: Mapping, names: Tuple[str, str] = ("model_a"
 
 
 def check_finite(state: Mapping, name: str = "model") -> None:
-    """Raise ``ValueError`` naming the first floating tensor of ``state`` holding NaN or inf."""
-    for k, v in state.items():
-        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name}[{k!r}] contains NaN or inf; evaluate a finite model")
+    """Raise :class:`weightspace.checks.NonFiniteError` (a ``ValueError``) naming the first floating
+    tensor of ``state`` holding NaN or inf (see :func:`weightspace.checks.check_finite`)."""
+    _check_finite(state, name)
 
 
 def combine(bases: Sequence[Mapping], coeffs: Sequence[float]) -> State:
@@ -318,7 +319,8 @@ def _reiterable(data: Any) -> Any:
             log.debug("materialising a one-shot iterator of batches")
             return list(data)
     except TypeError:
-        raise TypeError(f"data must be a pair (X, Y) or an iterable of (x, y) batches, got {type(data).__name__}")
+        raise TypeError("data must be a pair (X, Y) or an iterable of (x, y) batches, "
+                        f"got {type(data).__name__}") from None
     return data
 
 
@@ -546,7 +548,7 @@ class _Evaluator:
             return dict(state)
         st = dict(state)
         fresh = {}
-        for name, m in self.bn:
+        for name, _m in self.bn:
             p = f"{name}." if name else ""
             ref = st[p + "running_mean"]
             fresh[p + "running_mean"] = torch.zeros_like(ref, device=self.device)
@@ -671,7 +673,7 @@ def recalibrate_bn(model: nn.Module, data: Any, state: Optional[Mapping] = None,
     over one no-grad pass in which only the BatchNorm layers are in train mode (dropout stays off, so
     the statistics are those of the eval-time activations; for models without dropout this is exactly
     ``update_bn``). Interpolated running statistics are not the statistics of the interpolated network,
-    hence the reset (REFERENCES §2.6, §4.4; Jordan et al. 2023, REPAIR, arXiv:2211.08403).
+    hence the reset (Jordan et al. 2023, REPAIR, ICLR, arXiv:2211.08403).
 
     Parameters
     ----------
@@ -684,6 +686,8 @@ def recalibrate_bn(model: nn.Module, data: Any, state: Optional[Mapping] = None,
     -------
     dict — ``state`` with new BN buffers (other entries shared, not copied).
     """
+    check_module(model, where="state.recalibrate_bn")
+    check_data(data, where="state.recalibrate_bn")
     ev = _Evaluator(model, device=device)
     st = ev._to(state_of(model) if state is None else as_state(state, model))
     return ev.recalibrate(st, _reiterable(data), num_batches)
@@ -695,6 +699,8 @@ def evaluate(model: nn.Module, data: Any, state: Optional[Mapping] = None, *, me
 
     Returns ``{metric: float}`` — example-weighted means (sums over batches / number of examples).
     """
+    check_module(model, where="state.evaluate")
+    check_data(data, where="state.evaluate")
     if isinstance(data, Mapping):
         raise TypeError("evaluate takes one dataset; use evaluate_states for a dict of splits")
     ev = _Evaluator(model, metrics=metrics, loss_fn=loss_fn, device=device)
@@ -715,6 +721,8 @@ def evaluate_states(model: nn.Module, states: Sequence[Mapping], data: Any, *, s
     to the loop, with a log warning, when the model cannot be vmapped. ``progress(done, total)`` is
     called after each group of points.
     """
+    check_module(model, where="state.evaluate_states")
+    check_data(data, where="state.evaluate_states")
     ev = _Evaluator(model, metrics=metrics, loss_fn=loss_fn, device=device)
     sts = [as_state(s, model, f"states[{i}]") for i, s in enumerate(states)]
     rec = resolve_recalibration(recalibrate_bn, model)

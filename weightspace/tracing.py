@@ -93,7 +93,10 @@ NEUTRAL_LIKE = set("zeros_like ones_like empty_like full_like".split())
 NEUTRAL_NEW = set("zeros ones empty full new_zeros new_ones new_empty new_full".split())
 RESHAPE = set("view reshape flatten unflatten view_as reshape_as squeeze unsqueeze ravel".split())
 POOL = re.compile(r"^(adaptive_)?(max|avg|lp)_pool([123])d(_with_indices)?$|^(fractional_max_pool[23]d)$")
-IGNORE = set("size dim numel shape prop:shape prop:dtype prop:device prop:is_cuda prop:requires_grad prop:grad_fn __len__ len item tolist prop:ndim ndimension nelement element_size is_floating_point is_contiguous data_ptr stride storage_offset get_device is_complex prop:is_leaf prop:layout prop:names register_hook backward".split())
+IGNORE = set("size dim numel shape prop:shape prop:dtype prop:device prop:is_cuda prop:requires_grad prop:grad_fn "
+             "__len__ len item tolist prop:ndim ndimension nelement element_size is_floating_point is_contiguous "
+             "data_ptr stride storage_offset get_device is_complex prop:is_leaf prop:layout prop:names register_hook "
+             "backward".split())
 
 
 def op_category(name: str) -> Optional[str]:
@@ -194,7 +197,8 @@ def dims_arg(dim, ndim):
 def permute_order(name: str, args, kwargs, nd: int) -> List[int]:
     """Output axis j of a permute/transpose/t/mT/movedim is input axis ``order[j]``."""
     if name == "permute":
-        dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else arg(args, kwargs, 1, "dims")
+        dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else arg(args, kwargs, 1,
+                                                                                                   "dims")
         return [norm_dim(int(d), nd) for d in dims]
     order = list(range(nd))
     if name in ("transpose", "swapaxes", "swapdims"):
@@ -247,7 +251,8 @@ def tensor_keys(model: torch.nn.Module) -> Tuple[Dict[int, List[str]], Dict[str,
     (those in ``model.state_dict()``; non-persistent buffers are traced but not saved)."""
     by_id: Dict[int, List[str]] = defaultdict(list)
     tensors: Dict[str, torch.Tensor] = {}
-    for k, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for k, t in named:
         if t is None:
             continue
         by_id[id(t)].append(k)
@@ -256,7 +261,8 @@ def tensor_keys(model: torch.nn.Module) -> Tuple[Dict[int, List[str]], Dict[str,
     return by_id, tensors, persistent
 
 
-def traced_run(model: torch.nn.Module, example_inputs: Any, mode: TorchFunctionMode, stack: List[str], on_output=None) -> Any:
+def traced_run(model: torch.nn.Module, example_inputs: Any, mode: TorchFunctionMode, stack: List[str],
+               on_output=None) -> Any:
     """Run ``model`` once in eval mode without gradients under ``mode``, keeping ``stack`` equal to the
     names of the modules being executed; every submodule's train/eval mode is restored afterwards."""
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook

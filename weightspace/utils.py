@@ -30,7 +30,8 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {str(device)!r} was requested but CUDA is not available; pass device='cpu' or 'auto'")
+        raise RuntimeError(f"device {str(device)!r} was requested but CUDA is not available; pass device='cpu' or "
+                           "'auto'")
     return dev
 
 
@@ -112,7 +113,8 @@ def iter_batches(data: Any, device: DeviceLike = None) -> Iterator[Tuple[Any, An
         raise ValueError("data is empty: the iterable yielded no batch")
 
 
-def shuffled_batches(data: Any, batch_size: Optional[int], generator: torch.Generator, device: DeviceLike = None) -> Iterator[Tuple[Any, Any]]:
+def shuffled_batches(data: Any, batch_size: Optional[int], generator: torch.Generator,
+                     device: DeviceLike = None) -> Iterator[Tuple[Any, Any]]:
     """One epoch of mini-batches for training.
 
     A pair ``(X, Y)`` with a ``batch_size`` is shuffled with ``generator`` (seeded by the caller, so

@@ -255,7 +255,8 @@ def auction_square(C: torch.Tensor, *, schedule: str = "auto", theta: Optional[f
     ``schedule="legacy"``: the previous solver (one vectorised round per host check with
     ``nonzero`` compaction, zero initial prices, certificate only at ``eps_min``), kept for comparison.
     """
-    given = {"warm": warm, "block": block, "early_sweeps": early_sweeps, "sinkhorn_reg": sinkhorn_reg, "sinkhorn_iters": sinkhorn_iters}
+    given = {"warm": warm, "block": block, "early_sweeps": early_sweeps, "sinkhorn_reg": sinkhorn_reg,
+             "sinkhorn_iters": sinkhorn_iters}
     fast_only = sorted(k for k, v in given.items() if v != _FAST_DEFAULTS[k])
     if schedule == "auto":
         schedule = "fast" if C.is_cuda or fast_only else "legacy"

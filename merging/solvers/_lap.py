@@ -15,7 +15,8 @@ Backends
              answer is always exact (up to float64 round-off of the order of SciPy's own).
              Rectangular problems are padded to square with constant-cost dummy rows/columns.
 ``"auto"``   SciPy, threaded for batches large enough to gain (``merging.solvers._threads``).
-             Measured on a 2-core CPU (``benchmarks/RESULTS.md``) the torch auction is 18-500x slower than the SciPy loop for every size merging uses (n = 64..1024,
+             Measured on a 2-core CPU (``benchmarks/RESULTS.md``) the torch auction is 18-500x slower than the SciPy
+             loop for every size merging uses (n = 64..1024,
              B = 1..128), so ``auto`` never picks it on CPU. On CUDA it is picked only for batches of
              at least ``AUTO_CUDA_MIN_BATCH`` problems of size at most ``AUTO_CUDA_MAX_N`` (unmeasured:
              no GPU was available, so it is off; the benchmark prints the CUDA ratio so the thresholds

@@ -1,4 +1,5 @@
-"""Neural collapse NC1-NC4: analytic simplex-ETF oracle (REFERENCES 4.8), brute-force NumPy
+"""Neural collapse NC1-NC4: analytic simplex-ETF oracle (Papyan, Han & Donoho 2020, PNAS, arXiv:2008.08186),
+brute-force NumPy
 re-derivations on random data, invariances with negative controls, model capture and bad input."""
 import math
 
@@ -92,7 +93,8 @@ def test_matches_brute_force_on_random_unbalanced_data(global_mean):
     g = torch.Generator().manual_seed(1)
     c, d = 4, 6
     y = torch.cat([torch.full((n,), k) for k, n in enumerate([5, 9, 14, 22])])
-    h = torch.randn(len(y), d, generator=g, dtype=torch.float64) + 2.0 * torch.randn(c, d, generator=g, dtype=torch.float64)[y]
+    h = torch.randn(len(y), d, generator=g, dtype=torch.float64) + 2.0 * torch.randn(c, d, generator=g,
+                                                                                     dtype=torch.float64)[y]
     w, b = torch.randn(c, d, generator=g), torch.randn(c, generator=g)
     res = analysis.neural_collapse(h, y, (w, b), global_mean=global_mean)
     ref = _brute_force(h, y, w, b, c, global_mean)
@@ -114,7 +116,8 @@ def _random_problem(seed=0, n=200, c=5, d=7, sep=1.5):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, c, (n,), generator=g)
     y[:c] = torch.arange(c)
-    h = torch.randn(n, d, generator=g, dtype=torch.float64) + sep * torch.randn(c, d, generator=g, dtype=torch.float64)[y]
+    h = torch.randn(n, d, generator=g, dtype=torch.float64) + sep * torch.randn(c, d, generator=g,
+                                                                                dtype=torch.float64)[y]
     w = torch.randn(c, d, generator=g, dtype=torch.float64)
     return h, y, w
 
@@ -137,7 +140,7 @@ def test_invariant_to_consistent_coordinate_permutation_with_negative_control():
     perm = torch.randperm(h.shape[1], generator=torch.Generator().manual_seed(5))
     a = analysis.neural_collapse(h, y, (w, b))
     p = analysis.neural_collapse(h[:, perm], y, (w[:, perm], b))
-    for k, v in a.as_dict().items():
+    for k, v in a.to_dict().items():
         if isinstance(v, float):
             assert getattr(p, k) == pytest.approx(v, rel=1e-9, abs=1e-12), k
     bad = analysis.neural_collapse(h[:, perm], y, (w, b))  # W's columns not permuted
@@ -263,11 +266,13 @@ def test_bad_input_raises(case, err):
     if case == "label_range":
         kwargs["num_classes"] = 3
     elif case == "negative_label":
-        y = y.clone(); y[0] = -1
+        y = y.clone()
+        y[0] = -1
     elif case == "one_class":
         y = torch.zeros_like(y)
     elif case == "nan":
-        h = h.clone(); h[3, 2] = float("nan")
+        h = h.clone()
+        h[3, 2] = float("nan")
     elif case == "rows":
         y = y[:-1]
     elif case == "w_shape":

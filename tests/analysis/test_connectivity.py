@@ -1,4 +1,5 @@
-"""Oracles for analysis.interpolate / InterpolationCurve.barrier / layerwise_barriers (REFERENCES §4.1-4.4)."""
+"""Oracles for analysis.interpolate / InterpolationCurve.barrier / layerwise_barriers (Frankle et al. 2020,
+arXiv:1912.05671; Entezari et al. 2022, arXiv:2110.06296; Adilova et al. 2024, arXiv:2307.06966)."""
 import copy
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 import analysis
+from _models import mlp as shared_mlp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,12 +34,7 @@ def mse(out, y):
 
 
 def mlp(seed, width=16, bn=False, dtype=torch.float32):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(6, width)]
-    if bn:
-        layers.append(nn.BatchNorm1d(width))
-    layers += [nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)]
-    return nn.Sequential(*layers).to(dtype)
+    return shared_mlp((6, width, width, 4), seed, bn_after=(0,) if bn else (), dtype=dtype)
 
 
 def cls_data(n=60, seed=0):

@@ -1,4 +1,4 @@
-"""Oracles for analysis.train_curve / ModeCurve / plane (Garipov et al. 2018, REFERENCES §4.6)."""
+"""Oracles for analysis.train_curve / ModeCurve / plane (Garipov et al. 2018, NeurIPS, arXiv:1802.10026)."""
 import copy
 import math
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import analysis
+from _models import mlp as shared_mlp
 
 
 class Point(nn.Module):
@@ -29,8 +30,7 @@ DUMMY = (torch.zeros(4, 1), torch.zeros(4))
 
 
 def mlp(seed, dtype=torch.float64):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
+    return shared_mlp((5, 8, 3), seed, dtype=dtype)
 
 
 def test_bezier_and_polychain_coefficients():

@@ -1,4 +1,4 @@
-"""Oracles for analysis.landscape / random_directions / pca_directions (Li et al. 2018, REFERENCES §4.5)."""
+"""Oracles for analysis.landscape / random_directions / pca_directions (Li et al. 2018, NeurIPS, arXiv:1712.09913)."""
 import copy
 
 import numpy as np

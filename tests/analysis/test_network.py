@@ -10,14 +10,11 @@ import torch.nn as nn
 
 import analysis
 import weightspace as ws
+from _models import mlp
 
 
 def _mlp(sizes, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
+    return mlp(sizes, seed)
 
 
 def _cnn(seed=0):
@@ -103,7 +100,8 @@ def _nx_strengths(G, vec=lambda v: v):
     n = G.number_of_nodes()
     H = nx.DiGraph()
     H.add_nodes_from(G.nodes)
-    H.add_weighted_edges_from((a, b, float(np.sum(vec(np.asarray(d["value"], dtype=np.float64))))) for a, b, d in G.edges(data=True))
+    H.add_weighted_edges_from((a, b, float(np.sum(vec(np.asarray(d["value"], dtype=np.float64)))))
+                              for a, b, d in G.edges(data=True))
     ins = np.array([H.in_degree(i, weight="weight") for i in range(n)], dtype=np.float64)
     outs = np.array([H.out_degree(i, weight="weight") for i in range(n)], dtype=np.float64)
     bias = np.array([G.nodes[i].get("bias", 0.0) for i in range(n)])

@@ -89,7 +89,8 @@ def test_deterministic_and_model_unchanged():
 
 def test_bad_input():
     net, X, Y, _ = _problem()
-    Xn = X.clone(); Xn[0, 0] = float("nan")
+    Xn = X.clone()
+    Xn[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         analysis.hessian_eigenvalues(net, (Xn, Y))
     with pytest.raises(ValueError, match="method"):

@@ -87,7 +87,7 @@ def test_linear_layer_known_spectrum():
     assert r0.alpha == pytest.approx(fit.alpha) and r0.xmin == pytest.approx(fit.xmin)
     # the small layer is reported, not dropped
     assert rec["2"].skipped and "min_size" in rec["2"].reason and rec["2"].M == 3
-    assert [d["name"] for d in res.as_dicts()] == ["0", "2"]
+    assert [d["name"] for d in res.to_dicts()] == ["0", "2"]
 
 
 def test_conv_split_per_kernel_position():
@@ -185,7 +185,9 @@ def test_norm_measures_fold_batchnorm_in_models_fx_cannot_trace():
     assert res.settings["bn"].startswith("folded 2")
     layer = next(l for l in res.layers if l["name"] == "fc.0")
     bn = model.norms[0]
-    W = (model.fc[0].weight.double() * (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps))[:, None]).detach()
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    W = (model.fc[0].weight.double() * scale[:, None]).detach()
     assert layer["frobenius_sq"] == pytest.approx(float((W ** 2).sum()), rel=1e-10)
     unfolded = analysis.norm_measures(model, (X, Y), path_norm=False, fold_bn=False)
-    assert next(l for l in unfolded.layers if l["name"] == "fc.0")["frobenius_sq"] != pytest.approx(layer["frobenius_sq"])
+    fc0 = next(l for l in unfolded.layers if l["name"] == "fc.0")
+    assert fc0["frobenius_sq"] != pytest.approx(layer["frobenius_sq"])

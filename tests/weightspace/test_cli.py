@@ -5,7 +5,8 @@ from weightspace.cli import main
 
 def test_spec_prints_groups_and_checks(capsys, tmp_path):
     out = tmp_path / "spec.json"
-    rc = main(["spec", "--model", "weightspace.zoo:MLP", "--model-kwargs", '{"hidden": [16, 8]}', "--input-shape", "2,64", "--check", "--json", str(out)])
+    rc = main(["spec", "--model", "weightspace.zoo:MLP", "--model-kwargs", '{"hidden": [16, 8]}', "--input-shape",
+               "2,64", "--check", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
     assert "fc.0" in text and "size    16" in text and "2 permutation groups" in text and "check_spec" in text
@@ -40,9 +41,11 @@ def test_analyze_checkpoints_with_progress(tmp_path, capsys):
     io.save_state_dict(zoo.MLP(64, (16,), 10, seed=0), a)
     io.save_state_dict(zoo.MLP(64, (16,), 10, seed=1), b)
     report = tmp_path / "r.html"
-    rc = main(["analyze", str(a), "--model", "mlp", "--model-kwargs", '{"hidden": [16]}', "--report", str(report), "--compare", str(b), "--grid", "5", "--alphas", "5"])
+    rc = main(["analyze", str(a), "--model", "mlp", "--model-kwargs", '{"hidden": [16]}', "--report", str(report),
+               "--compare", str(b), "--grid", "5", "--alphas", "5"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
-    assert "L1 path-norm" in cap.out and "loss barrier to b.safetensors" in cap.out and "top Hessian eigenvalue" in cap.out
+    assert "L1 path-norm" in cap.out and "loss barrier to b.safetensors" in cap.out
+    assert "top Hessian eigenvalue" in cap.out
     assert "landscape 5x5: 25/25" in cap.err  # progress reported (a bar on a terminal)
     assert report.read_text().count('class="plotly-graph-div"') == 2

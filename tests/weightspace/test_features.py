@@ -56,7 +56,8 @@ def test_stats_match_two_pass_numpy(digits_images):
 def test_streaming_is_exact_in_float64():
     """Chan's merge on a badly centred float64 stream agrees with the two-pass answer."""
     g = torch.Generator().manual_seed(0)
-    X = (1e4 + torch.randn(1000, 5, generator=g, dtype=torch.float64)) * torch.tensor([1, 2, 3, 4, 5.0], dtype=torch.float64)
+    X = (1e4 + torch.randn(1000, 5, generator=g, dtype=torch.float64)) * torch.tensor([1, 2, 3, 4, 5.0],
+                                                                                      dtype=torch.float64)
     sm = feat.StreamingMoments()
     for a, b in [(0, 1), (1, 3), (3, 400), (400, 401), (401, 1000)]:
         sm.update(X[a:b])

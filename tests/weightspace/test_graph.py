@@ -161,7 +161,8 @@ def test_edits_in_the_graph_reach_the_state_dict():
 
 def test_bert_graph_from_transformers():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=30, hidden_size=12, num_hidden_layers=1, num_attention_heads=3, intermediate_size=16, max_position_embeddings=10)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=12, num_hidden_layers=1, num_attention_heads=3,
+                                  intermediate_size=16, max_position_embeddings=10)
     torch.manual_seed(0)
     m = transformers.BertModel(cfg)
     x = {"input_ids": torch.randint(0, 30, (2, 6))}
@@ -187,7 +188,8 @@ def test_unsupported_operations_fail_clearly_or_are_kept_verbatim():
 def test_gpt2_conv1d_and_grouped_query_attention_graphs():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=4, n_positions=12, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=4, n_positions=12, bos_token_id=0,
+                                  eos_token_id=0)
     gpt = transformers.GPT2Model(cfg)
     x = {"input_ids": torch.randint(0, 30, (2, 6))}
     g, same, identity_same, _ = _relabelled_equal(gpt, x)
@@ -197,7 +199,8 @@ def test_gpt2_conv1d_and_grouped_query_attention_graphs():
     class GQA(nn.Module):
         def __init__(self):
             super().__init__()
-            self.inp, self.q, self.k, self.v, self.o, self.out = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.inp, self.q, self.k = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+            self.v, self.o, self.out = nn.Linear(8, 4), nn.Linear(8, 8), nn.Linear(8, 2)
 
         def forward(self, x):
             h = self.inp(x)

@@ -40,7 +40,8 @@ def _assert_symmetric(model, x, min_groups=1):
         b = _first(mp(*x) if isinstance(x, tuple) else mp(x))
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
     # and at least one parameter actually moved
-    moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, mp.state_dict()[k])]
+    moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v,
+                                                                                                   mp.state_dict()[k])]
     assert moved, "the permutation moved nothing"
     return spec
 
@@ -285,7 +286,8 @@ def test_groupnorm_single_channel_cannot_move_alone():
     x = torch.randn(2, 1, 4, 4)
     shapes = m.state_dict()
     naive = PermutationSpec.from_axes_to_perm(
-        {"0.weight": ("P", None, None, None), "0.bias": ("P",), "1.weight": ("P",), "1.bias": ("P",), "3.weight": (None, "P", None, None)},
+        {"0.weight": ("P", None, None, None), "0.bias": ("P",), "1.weight": ("P",), "1.bias": ("P",),
+         "3.weight": (None, "P", None, None)},
         shapes,
     )
     with pytest.raises(ws.SpecError):
@@ -313,7 +315,8 @@ def test_concatenation_embeddings_positional_parameters():
     assert spec.axes["emb.weight"][1].name == spec.axes["pos"][1].name
     assert spec.axes["pos"][0] is None  # positions are fixed
     cat = spec.axes["out.weight"][1]
-    assert cat.kind == "concat" and [p.name for p in cat.parts] == [spec.axes["fa.weight"][0].name, spec.axes["fb.weight"][0].name]
+    assert cat.kind == "concat" and [p.name for p in cat.parts] == [spec.axes["fa.weight"][0].name,
+                                                                    spec.axes["fb.weight"][0].name]
 
 
 class MHANet(nn.Module):
@@ -484,7 +487,8 @@ def test_tracing_does_not_change_the_model():
 def test_hand_written_spec_validation_and_rebasin_export():
     sd = MLP().state_dict()
     spec = PermutationSpec.from_axes_to_perm(
-        {"net.0.weight": ("P0", None), "net.0.bias": ("P0",), "net.3.weight": ("P1", "P0"), "net.3.bias": ("P1",), "net.6.weight": (None, "P1")},
+        {"net.0.weight": ("P0", None), "net.0.bias": ("P0",), "net.3.weight": ("P1", "P0"), "net.3.bias": ("P1",),
+         "net.6.weight": (None, "P1")},
         sd,
     )
     assert dict(spec.groups) == {"P0": 7, "P1": 6}
@@ -510,7 +514,8 @@ def test_structured_axes_export_refused_and_index_math():
     assert idx.tolist() == [3, 4, 5, 0, 1, 2]
     cat = Axis.concat(Axis.group("a", 2), Axis.group("b", 3))
     assert cat.index({"a": torch.tensor([1, 0]), "b": torch.tensor([2, 0, 1])}).tolist() == [1, 0, 4, 2, 3]
-    kron = Axis.product(Axis.group("a", 2), Axis.group("b", 3)).index({"a": torch.tensor([1, 0]), "b": torch.tensor([2, 0, 1])})
+    kron = Axis.product(Axis.group("a", 2),
+                        Axis.group("b", 3)).index({"a": torch.tensor([1, 0]), "b": torch.tensor([2, 0, 1])})
     assert kron.tolist() == [5, 3, 4, 2, 0, 1]
 
 
@@ -539,7 +544,8 @@ def test_activation_points_carry_the_group_permutation():
                 acts = []
                 for m in (model, mp):
                     store = {}
-                    h = dict(m.named_modules())[module].register_forward_hook(lambda mod, i, o: store.setdefault("o", o))
+                    h = dict(m.named_modules())[module].register_forward_hook(
+                        lambda mod, i, o, store=store: store.setdefault("o", o))
                     m.eval()
                     with torch.no_grad():
                         m(x)
@@ -567,7 +573,8 @@ ZOO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,kw", ZOO_CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in ZOO_CASES])
+@pytest.mark.parametrize("name,kw", ZOO_CASES,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in ZOO_CASES])
 def test_every_reference_model(name, kw):
     from weightspace import zoo
 
@@ -588,7 +595,8 @@ def test_grouped_query_attention_sdpa():
             super().__init__()
             self.hq, self.hkv, self.dh = hq, hkv, d // hq
             self.inp, self.out = nn.Linear(3, d), nn.Linear(d, 2)
-            self.q, self.k, self.v = nn.Linear(d, hq * self.dh), nn.Linear(d, hkv * self.dh), nn.Linear(d, hkv * self.dh)
+            self.q = nn.Linear(d, hq * self.dh)
+            self.k, self.v = nn.Linear(d, hkv * self.dh), nn.Linear(d, hkv * self.dh)
             self.o = nn.Linear(hq * self.dh, d)
 
         def forward(self, x):

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
+from weightspace.checks import check_inputs, check_module
 from weightspace.graph._ir import EdgeBlock, GraphError, Layer, NodeFeature
 from weightspace.graph._trace import GraphTrace
 from weightspace.symmetry import PermutationSpec
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["NeuralGraph", "GraphTensors", "GraphError"]
 
-NODE_TYPES = ("input", "linear", "conv", "embedding", "norm", "sum", "product", "concat", "split", "query", "key", "value", "attention", "output")
+NODE_TYPES = ("input", "linear", "conv", "embedding", "norm", "sum", "product", "concat", "split", "query", "key",
+              "value", "attention", "output")
 EDGE_TYPES = ("linear", "conv", "embedding", "norm", "residual", "gate", "concat", "split", "qk", "attention", "value")
 
 
@@ -65,7 +67,9 @@ class GraphTensors:
 class NeuralGraph:
     """A model as a computational graph of neurons (see the module docstring)."""
 
-    def __init__(self, layers: List[Layer], edges: List[EdgeBlock], node_feats: List[NodeFeature], extras: Dict[str, torch.Tensor], meta: Dict[str, Tuple[Tuple[int, ...], torch.dtype]], info: Dict[str, Any]):
+    def __init__(self, layers: List[Layer], edges: List[EdgeBlock], node_feats: List[NodeFeature],
+                 extras: Dict[str, torch.Tensor], meta: Dict[str, Tuple[Tuple[int, ...], torch.dtype]],
+                 info: Dict[str, Any]):
         self.layers = layers
         off = 0
         for l in layers:
@@ -86,7 +90,8 @@ class NeuralGraph:
         for name, w in widths.items():
             self._cols[name] = (c, w)
             c += w
-        self.node_feature_names = tuple(f"{n}[{i}]" if w > 1 else n for n, (_, w) in self._cols.items() for i in range(w))
+        self.node_feature_names = tuple(f"{n}[{i}]" if w > 1 else n
+                                        for n, (_, w) in self._cols.items() for i in range(w))
         self.x = torch.zeros(self.num_nodes, c, dtype=torch.float64)
         for nf in node_feats:
             l = layers[nf.layer]
@@ -107,7 +112,8 @@ class NeuralGraph:
         e0 = 0
         for e in edges:
             n = e.num
-            e.fill_index(self.edge_index[0, e0:e0 + n], self.edge_index[1, e0:e0 + n], layers[e.src_layer].offset, layers[e.dst_layer].offset)
+            e.fill_index(self.edge_index[0, e0:e0 + n], self.edge_index[1, e0:e0 + n], layers[e.src_layer].offset,
+                         layers[e.dst_layer].offset)
             self.edge_type[e0:e0 + n] = EDGE_TYPES.index(e.kind)
             width = 1 if e.values is None else e.values.shape[1]
             if e.values is None:
@@ -117,15 +123,20 @@ class NeuralGraph:
                 e.values = None  # the graph holds its own copy; do not keep the model's tensors alive
             self._edge_rows.append((e0, n, width))
             e0 += n
-        self.node_layer = torch.cat([torch.full((l.size,), i, dtype=torch.long) for i, l in enumerate(layers)]) if layers else torch.zeros(0, dtype=torch.long)
-        self.node_position = torch.cat([torch.arange(l.size) for l in layers]) if layers else torch.zeros(0, dtype=torch.long)
-        self.node_type = torch.cat([torch.full((l.size,), NODE_TYPES.index(l.kind), dtype=torch.long) for l in layers]) if layers else torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long)
+        self.node_layer = torch.cat([torch.full((l.size,), i, dtype=torch.long)
+                                     for i, l in enumerate(layers)]) if layers else empty
+        self.node_position = torch.cat([torch.arange(l.size) for l in layers]) if layers else empty.clone()
+        self.node_type = torch.cat([torch.full((l.size,), NODE_TYPES.index(l.kind), dtype=torch.long)
+                                    for l in layers]) if layers else empty.clone()
         self.layer_depth = self._depths()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: torch.nn.Module, example_inputs: Any) -> "NeuralGraph":
         """Trace ``model`` once on ``example_inputs`` (eval mode, no gradients; the model is not changed)."""
+        check_module(model, where="NeuralGraph.from_model")
+        check_inputs(example_inputs, where="NeuralGraph.from_model")
         by_id, tensors, persistent = tensor_keys(model)
         g = GraphTrace({i: ks for i, ks in by_id.items()}, tensors)
         try:
@@ -133,16 +144,19 @@ class NeuralGraph:
         except GraphError:
             raise
         except Exception as exc:
-            raise GraphError(f"running the model on the example inputs failed in {g.where()}: {type(exc).__name__}: {exc}") from exc
+            raise GraphError(f"running the model on the example inputs failed in {g.where()}: {type(exc).__name__}: "
+                             f"{exc}") from exc
         for t in flatten_tensors(out):
             f = g.feat.get(id(t))
             if f is not None and g.layers[f.layer].kind not in ("input",):
-                g.layers[f.layer].kind = "output" if g.layers[f.layer].kind in ("linear", "conv", "norm", "sum", "attention") else g.layers[f.layer].kind
+                g.layers[f.layer].kind = "output" if g.layers[f.layer].kind in ("linear", "conv", "norm", "sum",
+                                                                                "attention") else g.layers[f.layer].kind
         state = {k: tensors[k] for k in tensors if k in persistent}
         extras = {k: v.detach().clone() for k, v in state.items() if k not in g.placed}
         for k in extras:
             if k in g.unsupported:
-                log.warning("NeuralGraph: parameter %s is used by %s, which the graph does not represent; it is kept verbatim in graph.extras", k, g.unsupported[k])
+                log.warning("NeuralGraph: parameter %s is used by %s, which the graph does not represent; it is kept "
+                            "verbatim in graph.extras", k, g.unsupported[k])
         meta = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
         info = {"unsupported": dict(g.unsupported), "extras": sorted(extras)}
         nfs = [nf for nf in g.node_feats if nf.key is None or nf.key in persistent]
@@ -165,7 +179,8 @@ class NeuralGraph:
 
     def to_state_dict(self) -> Dict[str, torch.Tensor]:
         """Rebuild the state dict from the graph's node and edge features (exact round trip)."""
-        flat = {k: torch.empty(math.prod(shape), dtype=dtype) for k, (shape, dtype) in self._meta.items() if k not in self.extras}
+        flat = {k: torch.empty(math.prod(shape),
+                               dtype=dtype) for k, (shape, dtype) in self._meta.items() if k not in self.extras}
         filled = {k: torch.zeros(v.numel(), dtype=torch.bool) for k, v in flat.items()}
         for e, (e0, n, k) in zip(self._edges, self._edge_rows):
             if e.key is None or e.key not in flat:
@@ -177,10 +192,11 @@ class NeuralGraph:
                 continue
             l = self.layers[nf.layer]
             c0, _ = self._cols[nf.name]
-            flat[nf.key][nf.entries] = self.x[l.offset:l.offset + l.size, c0:c0 + nf.values.shape[1]].reshape(-1).to(flat[nf.key].dtype)
+            flat[nf.key][nf.entries] = self.x[l.offset:l.offset + l.size,
+                                              c0:c0 + nf.values.shape[1]].reshape(-1).to(flat[nf.key].dtype)
             filled[nf.key][nf.entries] = True
         out: Dict[str, torch.Tensor] = {}
-        for key, (shape, dtype) in self._meta.items():
+        for key, (shape, _dtype) in self._meta.items():
             if key in self.extras:
                 out[key] = self.extras[key].clone()
                 continue
@@ -220,7 +236,8 @@ class NeuralGraph:
             ds.append(g.layer_depth[g.node_layer])
             bs.append(torch.full((g.num_nodes,), i, dtype=torch.long))
             off += g.num_nodes
-        return GraphTensors(torch.cat(xs), torch.cat(eis, 1), torch.cat(eas), torch.cat(nts), torch.cat(ets), torch.cat(ls), torch.cat(ps), torch.cat(ds), torch.cat(bs), tuple(names), len(graphs))
+        return GraphTensors(torch.cat(xs), torch.cat(eis, 1), torch.cat(eas), torch.cat(nts), torch.cat(ets),
+                            torch.cat(ls), torch.cat(ps), torch.cat(ds), torch.cat(bs), tuple(names), len(graphs))
 
     def to_networkx(self):
         """A ``networkx.DiGraph``: node attributes ``layer``, ``position`` (the unit's index for input
@@ -234,7 +251,8 @@ class NeuralGraph:
         for n in range(self.num_nodes):
             li = int(self.node_layer[n])
             io = self.layers[li].kind in ("input", "output")
-            attrs = {"layer": li, "position": int(self.node_position[n]) if io else -1, "type": self.layers[li].kind, "depth": int(self.layer_depth[li]), "activation": self.layers[li].activation}
+            attrs = {"layer": li, "position": int(self.node_position[n]) if io else -1, "type": self.layers[li].kind,
+                     "depth": int(self.layer_depth[li]), "activation": self.layers[li].activation}
             attrs.update({name: x[n][j] for j, name in enumerate(self.node_feature_names)})
             G.add_node(n, **attrs)
         ea = self.edge_attr
@@ -259,7 +277,8 @@ class NeuralGraph:
         for i, l in enumerate(self.layers):
             p = self._layer_perm(i, spec, perms, per)
             if p.numel() != l.size or not torch.equal(torch.sort(p).values, torch.arange(l.size)):
-                raise GraphError(f"layer {i} ({l.kind} in {l.name!r}) gets no valid relabelling from the spec; was the spec made for this model?")
+                raise GraphError(f"layer {i} ({l.kind} in {l.name!r}) gets no valid relabelling from the spec; was the "
+                                 "spec made for this model?")
             per.append(p)
         return torch.cat([p + l.offset for p, l in zip(per, self.layers)]) if per else torch.zeros(0, dtype=torch.long)
 
@@ -278,7 +297,8 @@ class NeuralGraph:
                 return done[l.follows][lo:lo + l.size] - lo
             return done[l.follows]
         if l.kind == "concat":
-            parts = [(int(e.endpoints()[1].min()), done[e.src_layer]) for e in self._edges if e.dst_layer == i and e.kind == "concat"]
+            parts = [(int(e.endpoints()[1].min()),
+                      done[e.src_layer]) for e in self._edges if e.dst_layer == i and e.kind == "concat"]
             return torch.cat([p + lo for lo, p in sorted(parts, key=lambda t: t[0])])
         return torch.arange(l.size)
 
@@ -286,4 +306,5 @@ class NeuralGraph:
         kinds: Dict[str, int] = {}
         for l in self.layers:
             kinds[l.kind] = kinds.get(l.kind, 0) + 1
-        return f"NeuralGraph({self.num_nodes} nodes in {len(self.layers)} layers {kinds}, {self.num_edges} edges, edge features {self.edge_attr.shape[1]}, node features {list(self._cols)})"
+        return (f"NeuralGraph({self.num_nodes} nodes in {len(self.layers)} layers {kinds}, {self.num_edges} edges, "
+                f"edge features {self.edge_attr.shape[1]}, node features {list(self._cols)})")

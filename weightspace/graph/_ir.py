@@ -7,12 +7,15 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from weightspace.results import WeightspaceError
 
-class GraphError(RuntimeError):
+
+class GraphError(WeightspaceError, RuntimeError):
     """The model uses an operation on its features that the neural graph cannot represent."""
 
 
-_ACTIVATIONS = set("relu relu6 gelu tanh sigmoid silu mish sin cos leaky_relu elu selu celu softplus softsign hardtanh hardsigmoid hardswish logsigmoid".split())
+_ACTIVATIONS = set("relu relu6 gelu tanh sigmoid silu mish sin cos leaky_relu elu selu celu softplus softsign hardtanh "
+                   "hardsigmoid hardswish logsigmoid".split())
 
 
 @dataclass
@@ -20,7 +23,8 @@ class Layer:
     """A set of nodes: the units of one feature axis at one point of the forward pass."""
 
     size: int
-    kind: str  # input | linear | conv | embedding | norm | sum | product | concat | split | query | key | value | attention
+    # input | linear | conv | embedding | norm | sum | product | concat | split | query | key | value | attention
+    kind: str
     name: str
     anchor: Optional[Tuple[str, int]] = None  # (param key, axis) whose spec layout permutes these nodes
     follows: Optional[int] = None  # layer id whose permutation these nodes share

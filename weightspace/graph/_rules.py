@@ -7,7 +7,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from weightspace.graph._ir import _ACTIVATIONS, EdgeBlock, Feat, GraphError
-from weightspace.tracing import POOL, Unsupported, arg, dims_arg, expand_index, flatten_tensors, mha_args, norm_dim, permute_order
+from weightspace.tracing import (POOL, Unsupported, arg, dims_arg, expand_index, flatten_tensors, mha_args, norm_dim,
+                                 permute_order)
 
 # A handler's first argument is the running GraphTrace (weightspace.graph._trace); it is not imported
 # here, even for annotations, so that the trace imports its handlers and never the other way round.
@@ -69,12 +70,14 @@ def _h_binary(g: GraphTrace, name, args, kwargs, out):
         # the parameter's axis aligned with the feature axis becomes a node feature of that layer
         pd = dims0[-1] - (out.dim() - p.dim())
         if pd < 0 or p.shape[pd] != g.layers[res.layer].size or len(dims0) != 1 or f0.inner != 1:
-            raise GraphError(f"parameter {key!r} is combined with features in {g.where()} along an axis the graph cannot place")
+            raise GraphError(f"parameter {key!r} is combined with features in {g.where()} along an axis the graph "
+                             "cannot place")
         if key in g.placed:
             continue
         vpd = pd - (p.dim() - view.dim())
         if vpd < 0 or view.shape[vpd] != g.layers[res.layer].size:
-            raise GraphError(f"parameter {key!r} is combined with features in {g.where()} through a reshape the graph cannot place")
+            raise GraphError(f"parameter {key!r} is combined with features in {g.where()} through a reshape the graph "
+                             "cannot place")
         g.node_feature(key, view, res.layer, vpd, f"{'add' if name in ('add', 'sub') else 'scale'}:{key}")
     g.set_feat(out, res)
 
@@ -89,7 +92,10 @@ def _h_reduce(g: GraphTrace, name, args, kwargs, out):
         return
     pos = 2 if name in ("norm", "vector_norm") else 1
     dim = arg(args, kwargs, pos, "dim")
-    keep = bool(arg(args, kwargs, pos + 1, "keepdim", False)) if name not in ("var", "std") else bool(kwargs.get("keepdim", False))
+    if name in ("var", "std"):
+        keep = bool(kwargs.get("keepdim", False))
+    else:
+        keep = bool(arg(args, kwargs, pos + 1, "keepdim", False))
     red = dims_arg(dim, x.dim()) if not (name in ("var", "std") and isinstance(dim, bool)) else list(range(x.dim()))
     if any(d in red for d in f.dims):
         for o in outs:
@@ -304,7 +310,8 @@ def _h_norm(g: GraphTrace, name, args, kwargs, out):
     else:  # batch_norm / instance_norm
         f = g.feat_in(x, 1 if x.dim() > 1 else 0, name)
         w, b = arg(args, kwargs, 3, "weight"), arg(args, kwargs, 4, "bias")
-        stats = {"running_mean": arg(args, kwargs, 1, "running_mean"), "running_var": arg(args, kwargs, 2, "running_var")}
+        stats = {"running_mean": arg(args, kwargs, 1, "running_mean"),
+                 "running_var": arg(args, kwargs, 2, "running_var")}
     if f.inner != 1:
         raise GraphError(f"{name} in {g.where()} normalises a flattened feature map; not supported")
     size = g.layers[f.layer].size
@@ -323,7 +330,8 @@ def _h_norm(g: GraphTrace, name, args, kwargs, out):
     g.set_feat(out, Feat(layer, f.dims))
 
 
-def _attention(g: GraphTrace, qf: Feat, kf: Feat, vf: Feat, heads: int, out_layer_size: int, kv_heads: Optional[int] = None) -> int:
+def _attention(g: GraphTrace, qf: Feat, kf: Feat, vf: Feat, heads: int, out_layer_size: int,
+               kv_heads: Optional[int] = None) -> int:
     """Pair each query unit with the key unit it multiplies, join each query head's units to that
     head's output units, and copy the value units to the output (grouped-query attention: query head
     ``h`` reads key/value head ``h // (heads / kv_heads)``)."""
@@ -394,7 +402,7 @@ def _h_mha(g: GraphTrace, name, args, kwargs, out):
     E, H = int(a["embed_dim_to_check"]), int(a["num_heads"])
     fin = [g.feat_in(a[r], -1, "multi_head_attention") for r in ("query", "key", "value")]
     layers = []
-    for i, role in enumerate(("query", "key", "value")):
+    for role in ("query", "key", "value"):
         layers.append(g.new_layer(E, role, anchor=None))
     if a["use_separate_proj_weight"]:
         for w, f, l in zip((a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]), fin, layers):

@@ -130,7 +130,8 @@ class GraphTrace(TracingMode):
 
     def node_feature(self, key: str, p: torch.Tensor, layer: int, axis: int, name: str, offset: int = 0) -> None:
         if p.shape[axis] != self.layers[layer].size:
-            raise GraphError(f"parameter {key!r} axis {axis} has size {p.shape[axis]} but the layer it describes has {self.layers[layer].size} units")
+            raise GraphError(f"parameter {key!r} axis {axis} has size {p.shape[axis]} but the layer it describes has "
+                             f"{self.layers[layer].size} units")
         perm = [axis] + [a for a in range(p.dim()) if a != axis]
         n = p.shape[axis]
         vals = p.detach().permute(perm).reshape(n, -1).clone()
@@ -158,7 +159,8 @@ class GraphTrace(TracingMode):
     def handle(self, name, func, args, kwargs):
         out = func(*args, **kwargs)
         tin = [a for a in flatten_tensors((args, kwargs)) if torch.is_tensor(a)]
-        if not any(id(t) in self.feat or id(t) in self.keys_by_id or id(t) in self.pderived or id(t) in self.lost or id(t) in self.scores for t in tin):
+        tracked = (self.feat, self.keys_by_id, self.pderived, self.lost, self.scores)
+        if not any(id(t) in d for t in tin for d in tracked):
             return out
         handler = self.rule_for(name)
         if handler is None and name in ("max", "min") and len(args) > 1 and torch.is_tensor(args[1]):
@@ -170,7 +172,8 @@ class GraphTrace(TracingMode):
                     self.unsupported.setdefault(k, f"{name} in {self.where()}")
             for o in flatten_tensors(out):
                 if torch.is_tensor(o):
-                    self.set_feat(o, None, src=next((t for t in tin if id(t) in self.feat or id(t) in self.lost), None), op=name)
+                    self.set_feat(o, None, src=next((t for t in tin if id(t) in self.feat or id(t) in self.lost), None),
+                                  op=name)
             return out
         handler(self, name, args, kwargs, out)
         return out

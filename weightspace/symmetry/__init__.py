@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from weightspace.checks import check_inputs, check_module
+from weightspace.results import Result
 from weightspace.symmetry._spec import Axis, PermutationSpec, SpecError
 from weightspace.symmetry._trace import TraceError, trace_dims
 from weightspace.tracing import MHA_ARGS, TracingMode, flatten_tensors
@@ -38,7 +41,14 @@ __all__ = [
     "SpecCheck",
     "transform",
     "axis_roles",
+    "DataDependentTraceWarning",
+    "perturb_inputs",
 ]
+
+
+class DataDependentTraceWarning(UserWarning):
+    """The traced forward turned tensor values that depend on permuted dimensions into Python values
+    (``if``, ``int``, ``.item()``, ``.tolist()``, ``.numpy()``): the spec follows one path only."""
 
 Perms = Dict[str, torch.Tensor]
 
@@ -51,7 +61,21 @@ def permutation_spec(model: torch.nn.Module, example_inputs: Any, *, strict: boo
     model : the module (left untouched; it runs once in eval mode without gradients).
     example_inputs : a tensor, a tuple of positional inputs, or a dict of keyword inputs.
     strict : raise :class:`TraceError` when an operation without a symmetry rule fixed axes that
-        could otherwise have moved (default: log a warning and record it in ``spec.info``).
+        could otherwise have moved, or when the forward's control flow may depend on the values of
+        permuted dimensions (default: a logged warning for the first, a
+        :class:`DataDependentTraceWarning` for the second; both are recorded in ``spec.info``).
+
+    What is guaranteed
+    ------------------
+    Every group of the spec is a symmetry of **the operations this run executed**: each of them has a
+    rule that keeps the permuted dimensions equivariant, and an operation without a rule fixes every
+    dimension it touches (``spec.info["blocked_ops"]``). The spec is therefore sound for every input
+    on which the forward executes the same operations. It is not guaranteed when the forward
+    branches, loops or indexes on tensor values: those events (``bool``/``int``/``float``/``index``
+    conversions, ``item``, ``tolist``, ``numpy``, ``equal``...) are recorded in
+    ``spec.info["data_dependent"]`` when the value depends on a permuted dimension (events that depend
+    only on the inputs' fixed dimensions are counted in ``spec.info["data_dependent_unflagged"]``).
+    :func:`check_spec` verifies the spec numerically on the example inputs and on perturbed copies.
 
     Returns
     -------
@@ -67,7 +91,22 @@ def permutation_spec(model: torch.nn.Module, example_inputs: Any, *, strict: boo
     >>> dict(spec.groups)
     {'0': 4}
     """
+    check_module(model, where="permutation_spec")
+    check_inputs(example_inputs, where="permutation_spec")
     spec, trace, _ = trace_dims(model, example_inputs)
+    events = spec.info.get("data_dependent", ())
+    if events:
+        msg = "; ".join(f"{op} (x{n}, first in {where})" for op, where, n in events)
+        text = (
+            f"the forward turns tensor values that depend on permuted dimensions into Python values: {msg}. "
+            "If control flow, loop counts or indices depend on them, other inputs may run operations this "
+            "trace never saw, and the spec may change the function there. Verify with "
+            "weightspace.check_spec(model, spec, inputs) on representative inputs (it also tries perturbed "
+            "copies), or remove the data-dependent branch; strict=True raises instead"
+        )
+        if strict:
+            raise TraceError(text)
+        warnings.warn(text, DataDependentTraceWarning, stacklevel=2)
     blocked = spec.info.get("blocked_ops", ())
     if blocked:
         where = spec.info.get("blocked_where", {})
@@ -130,7 +169,8 @@ def _check_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> No
             raise SpecError(f"no permutation given for group {name!r} (size {n}); pass one for every group of the spec")
         p = perms[name]
         if not torch.is_tensor(p) or p.dim() != 1 or p.numel() != n:
-            raise SpecError(f"permutation for group {name!r} must be a 1-D LongTensor of size {n}, got {getattr(p, 'shape', type(p))}")
+            raise SpecError(f"permutation for group {name!r} must be a 1-D LongTensor of size {n}, got "
+                            f"{getattr(p, 'shape', type(p))}")
         if not torch.equal(torch.sort(p.cpu()).values, torch.arange(n)):
             raise SpecError(f"the tensor given for group {name!r} is not a permutation of 0..{n - 1}")
     extra = set(perms) - set(spec.groups)
@@ -158,12 +198,22 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
     gives a new dict. Each permuted axis is gathered with ``B'[i] = B[perm[i]]`` (Git Re-Basin's
     convention), structured axes through their product/concat layouts.
     """
+    if not isinstance(obj, Mapping):
+        check_module(obj, "obj", where="permute", expected="an nn.Module or a state dict")
     _check_perms(spec, perms)
     if isinstance(obj, torch.nn.Module):
+        own = ({k for k, _ in obj.named_parameters(remove_duplicate=False)}
+               | {k for k, _ in obj.named_buffers(remove_duplicate=False)})
+        unknown = [k for k in spec.axes if k not in own]
+        if unknown:
+            more = " ..." if len(unknown) > 5 else ""
+            raise SpecError(f"the spec permutes keys the module does not have: {unknown[:5]}{more}; "
+                            f"was it made for another architecture (or for a wrapper, with a key prefix)?")
         new = copy.deepcopy(obj)
         done = set()
         with torch.no_grad():
-            for key, t in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False)):
+            named = list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False))
+            for key, t in named:
                 if t is None or id(t) in done or key not in spec.axes:
                     continue
                 done.add(id(t))
@@ -174,20 +224,63 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
     optional = set(spec.info.get("non_persistent", ()))
     missing = [k for k in spec.permuted_keys() if k not in obj and k not in optional]
     if missing:
-        raise SpecError(f"the state dict lacks keys that the spec permutes: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return {k: (_permute_tensor(v, spec.axes[k], perms, k) if k in spec.axes and torch.is_tensor(v) else v) for k, v in obj.items()}
+        raise SpecError("the state dict lacks keys that the spec permutes: "
+                        f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return {k: (_permute_tensor(v, spec.axes[k], perms,
+                                k) if k in spec.axes and torch.is_tensor(v) else v) for k, v in obj.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # numerical check
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SpecCheck:
-    """Outcome of :func:`check_spec`: the largest relative output change seen per mode."""
+class SpecCheck(Result):
+    """Outcome of :func:`check_spec`: the largest relative output change seen per mode, over every
+    input checked; ``inputs`` names those inputs and ``max_rel_diff_by_input`` gives each one's worst."""
 
     max_rel_diff: Mapping[str, float]
     trials: int
     modes: Tuple[str, ...]
+    inputs: Tuple[str, ...] = ("example inputs",)
+    max_rel_diff_by_input: Mapping[str, float] = field(default_factory=dict)
+    seed: int = 0
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _perturb(x: Any, g: torch.Generator) -> Any:
+    if torch.is_tensor(x):
+        if x.is_floating_point() or x.is_complex():
+            xd = x.detach()
+            scale = float(xd.abs().std()) if xd.numel() > 1 else 0.0
+            if not scale > 0:
+                scale = float(xd.abs().mean()) if xd.numel() else 0.0
+            scale = scale if scale > 0 else 1.0
+            noise = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+            return xd + scale * noise
+        if x.dtype == torch.bool or x.numel() == 0:
+            return x
+        lo, hi = int(x.min()), int(x.max())
+        return torch.randint(lo, hi + 1, tuple(x.shape), generator=g).to(device=x.device, dtype=x.dtype)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_perturb(v, g) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_perturb(v, g) for v in x)
+    if isinstance(x, dict):
+        return {k: _perturb(v, g) for k, v in x.items()}
+    return x
+
+
+def perturb_inputs(example_inputs: Any, n: int = 3, seed: int = 0) -> List[Any]:
+    """``n`` seeded random variations of ``example_inputs`` (same structure, shapes and dtypes).
+
+    Floating tensors get Gaussian noise of their own scale (``x + std(|x|) * N(0, 1)``, so the
+    perturbation is as large as the data); integer tensors (token ids, labels, masks) are redrawn
+    uniformly between their own minimum and maximum, so ids stay valid; boolean tensors and
+    non-tensor values are kept.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    return [_perturb(example_inputs, g) for _ in range(int(n))]
 
 
 class _NoDropout(TracingMode):
@@ -216,7 +309,8 @@ def _outputs(model: torch.nn.Module, example_inputs: Any, train: bool) -> list:
         model = copy.deepcopy(model)
     model.train(train)
     with torch.no_grad(), _NoDropout():
-        return [t.detach().double() for t in flatten_tensors(call_model(model, example_inputs)) if torch.is_tensor(t) and t.is_floating_point()]
+        outs = flatten_tensors(call_model(model, example_inputs))
+        return [t.detach().double() for t in outs if torch.is_tensor(t) and t.is_floating_point()]
 
 
 def _rel_diff(a: list, b: list) -> float:
@@ -236,48 +330,93 @@ def check_spec(
     seed: int = 0,
     rtol: float = 1e-5,
     modes: Tuple[str, ...] = ("eval", "train"),
+    perturbed: int = 3,
+    inputs: Optional[Sequence[Any]] = None,
 ) -> SpecCheck:
     """Check numerically that random permutations of ``spec`` leave the outputs of ``model`` unchanged.
 
     Runs ``trials`` random permutations in each mode (``"eval"``: running statistics; ``"train"``:
     batch statistics, dropout disabled) on copies of the model and compares every floating output
-    with ``max|y - y_perm| <= rtol * max|y|``. On failure, each group is tried alone to find the
-    culprits, and :class:`SpecError` names them with the keys and axes they act on.
-    The user's model is not modified (copies are run).
+    with ``max|y - y_perm| <= rtol * max|y|``, first on ``example_inputs``, then on ``perturbed``
+    seeded variations of them (:func:`perturb_inputs`: Gaussian noise of the inputs' own scale,
+    random valid ids for integer inputs) and on every entry of ``inputs`` (your own representative
+    batches), each with one of the ``trials`` permutations. A spec traced on one input can be wrong on
+    others when the forward branches on tensor values; this is where that shows. On failure, each
+    group is tried alone on the failing input to find the culprits, and :class:`SpecError` names the
+    input and the groups with the keys and axes they act on. The user's model is not modified.
     """
-    unknown = set(spec.axes) - {k for k, _ in model.named_parameters(remove_duplicate=False)} - {k for k, _ in model.named_buffers(remove_duplicate=False)}
+    check_module(model, where="check_spec")
+    check_inputs(example_inputs, where="check_spec")
+    if int(trials) < 1:
+        raise SpecError(f"trials must be >= 1, got {trials}: with no permutation nothing would be checked")
+    if int(perturbed) < 0:
+        raise SpecError(f"perturbed must be >= 0, got {perturbed}")
+    unknown = (set(spec.axes) - {k for k, _ in model.named_parameters(remove_duplicate=False)}
+               - {k for k, _ in model.named_buffers(remove_duplicate=False)})
     if unknown:
-        raise SpecError(f"the spec names keys the model does not have: {sorted(unknown)[:5]}; was it made for another architecture?")
+        raise SpecError(f"the spec names keys the model does not have: {sorted(unknown)[:5]}; was it made for another "
+                        "architecture?")
+    cases: List[Tuple[str, Any]] = [("the example inputs", example_inputs)]
+    cases += [(f"perturbed input #{i + 1} (perturb_inputs(example_inputs, seed={seed})[{i}])", x)
+              for i, x in enumerate(perturb_inputs(example_inputs, int(perturbed), seed))]
+    for i, x in enumerate(inputs or ()):
+        check_inputs(x, f"inputs[{i}]", where="check_spec")
+        cases.append((f"inputs[{i}]", x))
     base = copy.deepcopy(model)
     worst: Dict[str, float] = {}
-    ref = {}
-    for mode in modes:
-        try:
-            ref[mode] = _outputs(base, example_inputs, mode == "train")
-        except Exception as exc:  # e.g. BatchNorm in train mode on a batch of one
-            log.warning("check_spec: skipping %s mode, the model does not run in it on these inputs (%s)", mode, exc)
-    if not ref:
-        raise TraceError("check_spec: the model runs in none of the requested modes on the example inputs")
-    for t in range(trials):
-        perms = random_permutation(spec, seed + t)
-        mp = permute(base, spec, perms)
-        for mode in ref:
-            d = _rel_diff(ref[mode], _outputs(mp, example_inputs, mode == "train"))
-            worst[mode] = max(worst.get(mode, 0.0), d)
-    bad = {m: d for m, d in worst.items() if d > rtol}
-    if bad:
-        culprits = []
-        p2a = spec.perm_to_axes
-        for g in spec.groups:
-            perms = identity_permutation(spec)
-            perms[g] = random_permutation(spec, seed)[g]
-            mp = permute(base, spec, perms)
-            for mode in bad:
-                d = _rel_diff(ref[mode], _outputs(mp, example_inputs, mode == "train"))
+    by_input: Dict[str, float] = {}
+    refs: List[Tuple[int, str, Any, Dict[str, list]]] = []
+    for ci, (label, x) in enumerate(cases):
+        ref = {}
+        for mode in modes:
+            try:
+                ref[mode] = _outputs(base, x, mode == "train")
+            except Exception as exc:  # e.g. BatchNorm in train mode on a batch of one
+                log.warning("check_spec: skipping %s mode on %s, the model does not run in it there (%s)",
+                            mode, label, exc)
+        if ref:
+            refs.append((ci, label, x, ref))
+        elif ci == 0:
+            raise TraceError("check_spec: the model runs in none of the requested modes on the example inputs")
+    n = int(trials)
+    for t in range(n):  # one permuted copy alive at a time
+        mp = permute(base, spec, random_permutation(spec, seed + t))
+        # every permutation on the example inputs; one permutation (in turn) on each other input
+        for ci, label, x, ref in refs:
+            if ci > 0 and (ci - 1) % n != t:
+                continue
+            for mode in ref:
+                d = _rel_diff(ref[mode], _outputs(mp, x, mode == "train"))
+                worst[mode] = max(worst.get(mode, 0.0), d)
+                by_input[label] = max(by_input.get(label, 0.0), d)
                 if d > rtol:
-                    axes = ", ".join(f"{k}[{a}]" for k, a, _ in p2a[g][:6])
-                    culprits.append(f"group {g!r} (size {spec.groups[g]}, acting on {axes}) changes the {mode}-mode outputs by {d:.3g} (relative)")
-                    break
-        detail = "; ".join(culprits) if culprits else "no single group fails alone; a combination of groups does"
-        raise SpecError(f"the spec is not a symmetry of the model: {detail}. Fix those keys' layouts (spec.with_axes) or drop the groups (spec.without)")
-    return SpecCheck(max_rel_diff=dict(worst), trials=trials, modes=tuple(ref))
+                    _fail(base, spec, x, label, ref, mode, d, seed + t, rtol, ci)
+        del mp
+    checked = [label for _, label, _, _ in refs]
+    return SpecCheck(max_rel_diff=dict(worst), trials=int(trials), modes=tuple(m for m in modes if m in worst),
+                     inputs=tuple(checked), max_rel_diff_by_input=by_input, seed=int(seed),
+                     settings={"trials": int(trials), "seed": int(seed), "rtol": rtol, "modes": tuple(modes),
+                               "perturbed": int(perturbed), "extra_inputs": len(inputs or ())})
+
+
+def _fail(base, spec, x, label: str, ref, mode: str, d: float, seed: int, rtol: float, case: int) -> None:
+    """Raise SpecError naming the failing input and the groups that fail alone on it."""
+    culprits = []
+    p2a = spec.perm_to_axes
+    for g in spec.groups:
+        perms = identity_permutation(spec)
+        perms[g] = random_permutation(spec, seed)[g]
+        dg = _rel_diff(ref[mode], _outputs(permute(base, spec, perms), x, mode == "train"))
+        if dg > rtol:
+            axes = ", ".join(f"{k}[{a}]" for k, a, _ in p2a[g][:6])
+            culprits.append(f"group {g!r} (size {spec.groups[g]}, acting on {axes}) changes the {mode}-mode outputs "
+                            f"by {dg:.3g} (relative)")
+    detail = "; ".join(culprits) if culprits else "no single group fails alone; a combination of groups does"
+    hint = ""
+    if case > 0:
+        hint = (" The spec holds on the example inputs but not here: the forward probably takes a different path on "
+                "other inputs (control flow on tensor values; see spec.info['data_dependent']). Trace and check on "
+                "representative inputs, or make the forward's operations independent of the values.")
+    raise SpecError(f"the spec is not a symmetry of the model on {label}: relative output change {d:.3g} in "
+                    f"{mode} mode; {detail}. Fix those keys' layouts (spec.with_axes) or drop the groups "
+                    f"(spec.without).{hint}")

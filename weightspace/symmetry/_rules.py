@@ -125,7 +125,10 @@ def _maxmin(tr, name, args, kwargs, out):
     xs = tr.of(x)
     d = norm_dim(int(dim), x.dim())
     tr.uf.fix(xs[d])  # the indices output is positional along d
-    res = [n for i, n in enumerate(xs) if i != d] if not keep else [n if i != d else tr.fresh(1, True) for i, n in enumerate(xs)]
+    if keep:
+        res = [n if i != d else tr.fresh(1, True) for i, n in enumerate(xs)]
+    else:
+        res = [n for i, n in enumerate(xs) if i != d]
     for o in flatten_tensors(out):
         tr.set_out(o, res)
 
@@ -187,7 +190,7 @@ def _reshape_nodes(tr, xs: List[int], ish: List[int], osh: List[int]) -> List[in
                 tr.uf.fix(n)
             for p in gj:
                 res[p] = tr.fresh(osh[p], True)
-    for k, s in enumerate(osh):
+    for k, _s in enumerate(osh):
         if res[k] is None:
             res[k] = tr.fresh(1, False)
     return res  # type: ignore[return-value]
@@ -209,7 +212,8 @@ def _expand(tr, name, args, kwargs, out):
 
 def _repeat(tr, name, args, kwargs, out):
     x = args[0]
-    reps = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else arg(args, kwargs, 1, "repeats")
+    reps = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else arg(args, kwargs, 1,
+                                                                                               "repeats")
     reps = list(reps)
     xs = tr.of(x)
     nd = out.dim()

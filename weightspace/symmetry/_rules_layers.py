@@ -285,7 +285,8 @@ def _mha(tr, name, args, kwargs, out):
         tr.uf.set_layout(f, "product", [heads, sub])
         proj[role] = f
     if a["use_separate_proj_weight"]:
-        for role, w, xd in (("q", a["q_proj_weight"], qd), ("k", a["k_proj_weight"], kd), ("v", a["v_proj_weight"], vd)):
+        for role, w, xd in (("q", a["q_proj_weight"], qd), ("k", a["k_proj_weight"], kd),
+                            ("v", a["v_proj_weight"], vd)):
             ws = tr.of(w)
             tr.union(ws[0], proj[role])
             tr.union(ws[1], xd[-1])

@@ -24,10 +24,12 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from weightspace.results import WeightspaceError
+
 __all__ = ["Axis", "PermutationSpec", "SpecError", "Layout"]
 
 
-class SpecError(ValueError):
+class SpecError(WeightspaceError, ValueError):
     """A permutation spec is inconsistent with itself, with a model, or with the permutations given."""
 
 
@@ -156,7 +158,8 @@ class PermutationSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", MappingProxyType(dict(self.groups)))
         object.__setattr__(self, "axes", MappingProxyType({k: tuple(v) for k, v in self.axes.items()}))
-        object.__setattr__(self, "shapes", MappingProxyType({k: tuple(int(s) for s in v) for k, v in self.shapes.items()}))
+        object.__setattr__(self, "shapes",
+                           MappingProxyType({k: tuple(int(s) for s in v) for k, v in self.shapes.items()}))
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
         self._validate()
 
@@ -186,9 +189,11 @@ class PermutationSpec:
         axes: Dict[str, Tuple[Layout, ...]] = {}
         for key, layouts in axes_to_perm.items():
             if key not in shp:
-                raise SpecError(f"axes_to_perm names {key!r}, which has no shape; the known keys include {sorted(shp)[:8]}")
+                raise SpecError(f"axes_to_perm names {key!r}, which has no shape; the known keys include "
+                                f"{sorted(shp)[:8]}")
             if len(layouts) != len(shp[key]):
-                raise SpecError(f"{key!r} has {len(shp[key])} axes (shape {shp[key]}) but {len(layouts)} layouts were given")
+                raise SpecError(f"{key!r} has {len(shp[key])} axes (shape {shp[key]}) but {len(layouts)} layouts were "
+                                "given")
             axes[key] = tuple(_as_layout(x, shp[key][i], groups, f"{key}[{i}]") for i, x in enumerate(layouts))
         for key, s in shp.items():
             axes.setdefault(key, (None,) * len(s))
@@ -204,7 +209,8 @@ class PermutationSpec:
                 if lay is None:
                     continue
                 if shape is not None and lay.size != shape[ax]:
-                    raise SpecError(f"{key!r} axis {ax}: layout {lay} has size {lay.size} but the tensor has size {shape[ax]}")
+                    raise SpecError(f"{key!r} axis {ax}: layout {lay} has size {lay.size} but the tensor has size "
+                                    f"{shape[ax]}")
                 self._check_sizes(lay, key, ax, sizes)
         for name, (n, where) in sizes.items():
             if name not in self.groups:
@@ -242,7 +248,8 @@ class PermutationSpec:
         """
         pts = self.info.get("points")
         if pts is None:
-            raise SpecError("this spec has no activation points (it was not traced); pass module names to weightspace.features directly")
+            raise SpecError("this spec has no activation points (it was not traced); pass module names to "
+                            "weightspace.features directly")
         if group is None:
             return dict(pts)
         if group not in self.groups:
@@ -336,7 +343,8 @@ class PermutationSpec:
         groups = {mapping.get(g, g): n for g, n in self.groups.items()}
         if len(groups) != len(self.groups):
             raise SpecError("rename would merge two groups into one name")
-        return PermutationSpec(groups, {k: tuple(ren(l) for l in v) for k, v in self.axes.items()}, self.shapes, self.info)
+        return PermutationSpec(groups, {k: tuple(ren(l) for l in v) for k, v in self.axes.items()}, self.shapes,
+                               self.info)
 
     def _rebuilt(self, groups: Dict[str, int], axes: Dict[str, Tuple[Layout, ...]], how: str) -> "PermutationSpec":
         used = set()
@@ -354,7 +362,8 @@ class PermutationSpec:
 
     def __str__(self) -> str:
         p2a = self.perm_to_axes
-        lines = [f"PermutationSpec: {len(self.groups)} groups over {len(self.permuted_keys())} of {len(self.axes)} tensors"]
+        lines = [f"PermutationSpec: {len(self.groups)} groups over {len(self.permuted_keys())} of {len(self.axes)} "
+                 "tensors"]
         width = max([len(g) for g in self.groups] + [5])
         for g, n in self.groups.items():
             where = []
@@ -362,7 +371,8 @@ class PermutationSpec:
                 where.append(f"{key}[{ax}]" + ("" if not path else "." + ".".join(map(str, path))))
             shown = ", ".join(where[:6]) + (f", ... ({len(where)} axes)" if len(where) > 6 else "")
             lines.append(f"  {g:<{width}}  size {n:>5}  {shown}")
-        structured = [(k, ax, lay) for k, v in self.axes.items() for ax, lay in enumerate(v) if lay is not None and not lay.is_simple]
+        structured = [(k, ax, lay) for k, v in self.axes.items() for ax, lay in enumerate(v)
+                      if lay is not None and not lay.is_simple]
         if structured:
             lines.append("  structured axes:")
             for k, ax, lay in structured[:12]:
@@ -371,7 +381,8 @@ class PermutationSpec:
                 lines.append(f"    ... ({len(structured)} in all)")
         blocked = self.info.get("blocked_ops")
         if blocked:
-            lines.append("  operations without a symmetry rule (their axes were fixed): " + ", ".join(f"{o} x{c}" for o, c in blocked))
+            lines.append("  operations without a symmetry rule (their axes were fixed): "
+                         + ", ".join(f"{o} x{c}" for o, c in blocked))
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -17,8 +17,18 @@ Dimensions of the model's inputs and outputs, positional dimensions (conv spatia
 indexed dims, ``arange``) and every dimension touched by an operation without a rule are *fixed*.
 A class of joined dimensions that holds a parameter axis, has size > 1 and is not fixed is a
 permutation group. Because unknown operations fix everything they touch, the discovered symmetries
-are sound by construction (and :func:`weightspace.check_spec` verifies them numerically); what an
-unknown operation costs is reported in ``spec.info["blocked_ops"]``.
+are sound *for the operations the run executed*; what an unknown operation costs is reported in
+``spec.info["blocked_ops"]``.
+
+What one run cannot see: a forward whose control flow or shapes depend on tensor *values*
+(``if h.sum() > 0``, ``range(int(n))``, ``.item()``, ``.tolist()``, ``.numpy()`` feeding later code)
+may take other operations on other inputs. Every such value leaving torch is recorded with the
+lineage of the tensor it came from (the dimensions of every tensor it was computed from); an event
+whose tensor depends on a dimension that ends up in a permutation group is listed in
+``spec.info["data_dependent"]`` (op, module, count). Events on tensors that depend only on fixed
+dimensions (the inputs themselves, shapes, fixed-size scalars of the inputs) are counted in
+``spec.info["data_dependent_unflagged"]`` but not flagged: whatever path they choose, the permuted
+dimensions they would have to reach are not involved.
 
 The idea of deriving a spec from the model instead of writing it by hand answers the complaints
 about hand-written specs of Git Re-Basin (Ainsworth et al. 2023) and ZipIt! (Stoica et al. 2024).
@@ -31,8 +41,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from weightspace.results import WeightspaceError
 from weightspace.symmetry._dims import _UF
-from weightspace.tracing import TracingMode, Unsupported, flatten_tensors, tensor_keys, traced_run
+from weightspace.tracing import TracingMode, Unsupported, flatten_tensors, op_name, tensor_keys, traced_run
 from weightspace.symmetry._rules import (
     _argreduce,
     _cat,
@@ -150,8 +161,16 @@ _RULES = {
 }
 
 
-class TraceError(RuntimeError):
-    """The model could not be run or followed on the example inputs."""
+class TraceError(WeightspaceError, RuntimeError):
+    """The model could not be run or followed on the example inputs (or, with ``strict=True``, the
+    trace could not be followed soundly)."""
+
+
+# Calls that turn tensor values into Python values (control flow, loop counts, indices, NumPy):
+# the forward may branch on them, so one run may not show every operation of the model.
+VALUE_EVENTS = frozenset(
+    "bool int float index complex item tolist numpy array equal allclose is_nonzero".split()
+)
 
 
 class DimTrace(TracingMode):
@@ -172,6 +191,18 @@ class DimTrace(TracingMode):
         self.param_ids: set = set()
         self.module_stack: List[str] = []
         self.module_outputs: List[Tuple[str, List[int]]] = []  # (module name, dim nodes of its output)
+        self.parents: Dict[int, List[int]] = {}  # id(tensor) -> ids of the tensors it was computed from
+        self.value_events: List[Tuple[str, str, List[int]]] = []  # (op, module, ids of the tensors read)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = op_name(func)
+        if name in VALUE_EVENTS:
+            ts = [t for t in flatten_tensors((args, kwargs or {})) if torch.is_tensor(t)]
+            for t in ts:
+                self.of(t)  # unknown origin: registered (fixed, no lineage)
+            where = (self.module_stack[-1] if self.module_stack else "") or "<the model's own forward>"
+            self.value_events.append((name, where, [id(t) for t in ts]))
+        return super().__torch_function__(func, types, args, kwargs)
 
     # -- node helpers ---------------------------------------------------------------------------
     def register(self, t: torch.Tensor, fixed: bool) -> List[int]:
@@ -214,6 +245,9 @@ class DimTrace(TracingMode):
         tensors_out = [o for o in flatten_tensors(out) if torch.is_tensor(o)]
         if not tensors_out and not any(id(t) in self.param_ids for t in tensors_in):
             return out
+        in_ids = [id(t) for t in tensors_in]
+        for o in tensors_out:
+            self.parents.setdefault(id(o), []).extend(i for i in in_ids if i != id(o))
         try:
             rule = self.rule_for(name)
             if rule is None:
@@ -223,6 +257,57 @@ class DimTrace(TracingMode):
         except Unsupported as exc:
             self._fallback(name, tensors_in, tensors_out, str(exc))
         return out
+
+    # -- data-dependent control flow ------------------------------------------------------------
+    def _leaf_roots(self, n: int, acc: set, seen: set) -> None:
+        """Roots of the movable (unfixed, size > 1) leaf classes inside node ``n``'s layout."""
+        r = self.uf.find(n)
+        if r in seen:
+            return
+        seen.add(r)
+        if self.uf.fixed[r] or self.uf.size[r] <= 1:
+            return
+        lay = self.uf.layout.get(r)
+        if lay is None:
+            acc.add(r)
+            return
+        for c in lay[1]:
+            self._leaf_roots(c, acc, seen)
+
+    def _movable_lineage(self, ids: List[int]) -> set:
+        """Movable leaf roots of every dimension of the tensors ``ids`` and all their ancestors."""
+        acc: set = set()
+        seen_t: set = set()
+        seen_n: set = set()
+        stack = list(ids)
+        while stack:
+            tid = stack.pop()
+            if tid in seen_t:
+                continue
+            seen_t.add(tid)
+            for n in self.nodes.get(tid, ()):
+                self._leaf_roots(n, acc, seen_n)
+            stack.extend(self.parents.get(tid, ()))
+        return acc
+
+    def data_dependent(self) -> Tuple[Tuple[Tuple[str, str, int], ...], int]:
+        """The value events whose tensors depend on a dimension of a permutation group, as
+        ``((op, first module, count), ...)``, and the number of events that do not."""
+        groups: set = set()
+        seen: set = set()
+        for tid in self.param_ids:
+            for n in self.nodes.get(tid, ()):
+                self._leaf_roots(n, groups, seen)
+        flagged: Counter = Counter()
+        first: Dict[str, str] = {}
+        quiet = 0
+        for name, where, ids in self.value_events:
+            if groups and self._movable_lineage(ids) & groups:
+                flagged[name] += 1
+                first.setdefault(name, where)
+            else:
+                quiet += 1
+        return tuple((op, first[op], n) for op, n in sorted(flagged.items())), quiet
 
     def _fallback(self, name: str, tin: List[torch.Tensor], tout: List[torch.Tensor], why: str) -> None:
         lost = False
@@ -367,6 +452,7 @@ def _build_spec(tr: DimTrace, by_id, tensors, persistent) -> PermutationSpec:
         "blocked_where": dict(tr.blocked_where),
         "non_persistent": tuple(k for k in axes if k not in persistent),
     }
+    info["data_dependent"], info["data_dependent_unflagged"] = tr.data_dependent()
     return PermutationSpec(groups=groups, axes=axes, shapes=shapes, info=info)
 
 

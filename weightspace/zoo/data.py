@@ -125,7 +125,8 @@ def digits_loaders(batch_size: int = 64, flat: bool = True, classes: ClassSpec =
     """``(train_loader, test_loader)`` over :func:`load_digits`.
 
     The train loader shuffles with a ``torch.Generator`` seeded by ``seed`` (the global RNG is not
-    used, not even for the iterators' base seeds), so iterating two loaders built with one seed gives identical batches; the test loader
+    used, not even for the iterators' base seeds), so iterating two loaders built with one seed gives identical
+    batches; the test loader
     never shuffles. ``split_seed`` is the train/test split seed (see :func:`load_digits`).
     """
     if int(batch_size) < 1:

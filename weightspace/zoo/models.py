@@ -158,7 +158,8 @@ class VGG(nn.Module):
             for item in cfg:
                 if item == "M":
                     if size < 2:
-                        raise ValueError(f"cfg {tuple(cfg)} pools a {size}x{size} map; remove an 'M' or raise image_size")
+                        raise ValueError(f"cfg {tuple(cfg)} pools a {size}x{size} map; remove an 'M' or raise "
+                                         "image_size")
                     layers.append(nn.MaxPool2d(2))
                     size //= 2
                 elif isinstance(item, int) and item > 0:

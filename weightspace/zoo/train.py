@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weightspace.checks import check_data, check_module
+from weightspace.results import Result
 from weightspace.utils import iter_batches, model_device, module_mode, resolve_device, shuffled_batches
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ __all__ = ["train", "evaluate", "TrainResult", "EpochRecord"]
 
 
 @dataclass(frozen=True)
-class EpochRecord:
+class EpochRecord(Result):
     """One epoch: mean train loss/accuracy over the epoch's batches, and eval loss/accuracy if any."""
 
     epoch: int
@@ -37,7 +39,7 @@ class EpochRecord:
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(Result):
     """Outcome of :func:`train`.
 
     ``train_loss`` is the mean loss of the last epoch (measured during it, in train mode);
@@ -52,6 +54,7 @@ class TrainResult:
     history: Tuple[EpochRecord, ...]
     seconds: float
     settings: Dict[str, Any] = field(default_factory=dict)
+    log: Dict[str, Any] = field(default_factory=dict)
 
 
 
@@ -98,6 +101,8 @@ def train(model: nn.Module, data: Any, *, epochs: int = 10, lr: float = 1e-3, op
     -------
     TrainResult
     """
+    model = check_module(model, where="zoo.train")
+    check_data(data, where="zoo.train")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if int(epochs) < 1:
@@ -204,6 +209,8 @@ def evaluate(model: nn.Module, data: Any, *, device: Any = None, batch_size: int
     Batches go to ``device`` (default: the model's device); the model itself is never moved, and
     its train/eval mode (per submodule) is restored on exit.
     """
+    model = check_module(model, where="zoo.evaluate")
+    check_data(data, where="zoo.evaluate")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     dev = model_device(model) if device is None else resolve_device(device)
