@@ -29,12 +29,8 @@ from viz._common import CONFIG, VizError, figure_points, settings_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Report", "ReportExistsError", "MissingDirectoryError"]
+__all__ = ["Report"]
 
-try:
-    from weightspace.results import WeightspaceError as _Base
-except Exception:  # pragma: no cover
-    _Base = Exception
 
 
 _CSP = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "

@@ -111,8 +111,11 @@ def run(args: Any, say: Callable[[str], None], progress_factory: Callable[[str],
                                                            data=train, repair="repair", seed=seed)
     merged["ot_fusion"] = merging.merge(a, b, method="ot_fusion", example_inputs=x, seed=seed)
     mark("merge pair", t0)
+    undone = analysis.interpolate(a, ws.permute(a_perm, spec, ws.invert_permutation(perms)), data, alphas=args.alphas)
+    say(f"loss barrier from A to its permuted copy {curves['A vs permuted A'].barrier('loss', split='test').value:.4f}; "
+        f"with the permutation undone {undone.barrier('loss', split='test').value:.4f}")
     rows = []
-    for name, c in curves.items():
+    for name, c in {**curves, "A vs permuted A, permutation undone": undone}.items():
         bl, be = c.barrier("loss", split="test"), c.barrier("error", split="test")
         rows.append({"path": name, "test loss barrier (nats)": bl.value, "test error barrier": be.value,
                      "midpoint test accuracy": float(c.values["test"]["accuracy"][len(c.alphas) // 2])})

@@ -1,4 +1,5 @@
 """The weightspace command: spec, graph and a small demo, through main(argv)."""
+import re
 
 from weightspace.cli import main
 
@@ -29,8 +30,13 @@ def test_small_demo_writes_report(tmp_path, capsys):
     rc = main(["demo", "--out", str(out), "--epochs", "2", "--width", "16", "--alphas", "5", "--grid", "5"])
     text = capsys.readouterr().out
     assert rc == 0 and out.exists()
-    assert "A vs permuted A, permutation undone" in text and "loss barrier  0.0000" in text
-    assert out.read_text().count('class="plotly-graph-div"') == 3
+    assert "with the permutation undone 0.0000" in text  # a model's barrier with itself is zero
+    pn = re.search(r"path-norm A (\S+) = permuted A (\S+);", text)
+    assert pn and pn.group(1) == pn.group(2)  # the path-norm is permutation-invariant
+    page = out.read_text()
+    assert page.count('class="plotly-graph-div"') >= 8
+    for section in ("Merging two models of one task", "Merging models of disjoint tasks", "Provenance"):
+        assert section in page
     assert main(["demo", "--out", str(out)]) == 2  # refuses to overwrite
 
 

@@ -63,6 +63,6 @@ _EXPORTS = {
     "kendall_tau": "weightspace.nn._train",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
 __dir__ = lazy_dir(_EXPORTS)
