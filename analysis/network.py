@@ -60,7 +60,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from weightspace.results import Result
+from weightspace.results import Result, records_time
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class NetworkMetrics(Result):
     num_nodes: int = 0
     num_edges: int = 0
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     def layer_strength(self, layer: int) -> np.ndarray:
         """Strengths of the nodes of layer ``layer`` (in node order)."""
@@ -152,6 +152,7 @@ class NetworkMetrics(Result):
 # ----------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------
+@records_time
 def network_metrics(
     model_or_graph: Any,
     example_inputs: Any = None,
