@@ -85,8 +85,9 @@ class UNFLayer(nn.Module):
     spec : a PermutationSpec (keys: :func:`default_keys`) or a WeightSpaceBatch (its spec and keys).
     in_channels, out_channels : channels per weight.
     keys : the processed keys (must equal the batch's keys).
-    fixed_axes : ``"dense"`` (exact group; HNP for MLPs) or ``"permuted"`` (fixed axes permuted too;
-        NP for MLPs, UNF's default for kernels).
+    fixed_axes : ``"dense"`` (exact group; HNP for MLPs), ``"permuted"`` (every fixed axis permuted too;
+        NP for MLPs, UNF's default for kernels) or ``"io"`` (only the input/output neuron axes
+        permuted; NFN's NP for CNNs).
     bias : add the invariant bias.
     bottleneck : factorise each signature's matrix through this many dimensions (None: full).
     """
@@ -238,6 +239,9 @@ class UNF(nn.Module):
     activation : pointwise nonlinearity between layers (``"relu"``, ``"gelu"``, ...).
     input_scale : multiply the input weights by this constant (weights are small; a scale near
         ``1 / weight std`` helps optimisation and keeps equivariance).
+    io_embed : add learned embeddings to the promoted (input/output) axes after the first layer
+        (Zhou et al. 2023, arXiv:2302.14040, Sec. 3.3): the processor is then equivariant only to the
+        spec's own group (HNP), which removes the surplus NP symmetry. Needs ``fixed_axes != "dense"``.
     """
 
     family = "UNF"
@@ -245,9 +249,10 @@ class UNF(nn.Module):
     def __init__(self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: Optional[int] = 1, *,
                  in_channels: int = 1, out_channels: int = 1, keys: Optional[Sequence[str]] = None,
                  fixed_axes: str = "dense", bottleneck: Optional[int] = None, activation: Union[str, nn.Module] = "relu",
-                 readout_hidden: Optional[int] = None, input_scale: float = 1.0) -> None:
+                 readout_hidden: Optional[int] = None, input_scale: float = 1.0, io_embed: bool = False) -> None:
         super().__init__()
         spec, keys = resolve_space(spec, keys)
+        self.validate_spec(spec, keys)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.keys, self.out_features, self.in_channels = tuple(keys), out_features, int(in_channels)
@@ -260,6 +265,9 @@ class UNF(nn.Module):
         self.layers = nn.ModuleList(UNFLayer(spec, widths[i], widths[i + 1], keys=keys, bottleneck=bottleneck,
                                              layout=self.layout, plan=plan) for i in range(num_layers))
         self.act = make_activation(activation)
+        self.io_embed = IOEmbedding(self.layout, widths[1]) if io_embed else None
+        if io_embed and self.layout.fixed_axes == "dense":
+            raise UnsupportedSpecError("io_embed=True needs fixed_axes='io' or 'permuted' (there are no promoted axes to embed)")
         if out_features is not None:
             self.pool = InvariantPool(spec, widths[-1], keys=keys, layout=self.layout, plan=plan)
             self.head = readout_mlp(self.pool.out_features, readout_hidden or max(hidden_channels * 4, 32), int(out_features), activation)
@@ -273,8 +281,37 @@ class UNF(nn.Module):
             xs = [x * self.input_scale for x in xs]
         for i, layer in enumerate(self.layers):
             xs = layer.apply_pieces(xs)
+            if i == 0 and self.io_embed is not None:
+                xs = self.io_embed(xs)
             if i < len(self.layers) - 1 or self.out_features is not None:
                 xs = [self.act(x) for x in xs]
         if self.out_features is None:
             return batch.with_tensors(self.layout.assemble(xs))
         return self.head(self.pool.pool_pieces(xs))
+
+    def validate_spec(self, spec: PermutationSpec, keys: Tuple[str, ...]) -> None:
+        """Families restricted to some architectures refuse the others here (UNF takes every spec)."""
+
+
+class IOEmbedding(nn.Module):
+    """Learned ``(n_g, C)`` embeddings added along every axis of each promoted group ``g`` (the groups a
+    ``fixed_axes="io"/"permuted"`` layout adds for fixed axes): positions on the network's input and output
+    axes become distinguishable, so the model is equivariant to the spec's own group only."""
+
+    def __init__(self, layout: SpaceLayout, channels: int) -> None:
+        super().__init__()
+        self.layout = layout
+        self.promoted = [g for g in layout.groups if g not in layout.spec.groups]
+        self.embeddings = nn.ParameterList(nn.Parameter(torch.randn(layout.groups[g], channels) * 0.1) for g in self.promoted)
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        out = []
+        for p, x in zip(self.layout.pieces, xs):
+            for i, g in enumerate(p.slots):
+                if g in self.promoted:
+                    e = self.embeddings[self.promoted.index(g)]
+                    shape = [1] * x.dim()
+                    shape[1 + i], shape[-1] = e.shape[0], e.shape[1]
+                    x = x + e.reshape(shape)
+            out.append(x)
+        return out
