@@ -118,3 +118,18 @@ def test_unf_cuda_matches_cpu():
     y = net(batch)
     y_gpu = net.cuda()(batch.to("cuda"))
     assert y_gpu.device.type == "cuda" and torch.allclose(y_gpu.cpu(), y, atol=1e-10)
+
+
+def test_unf_on_a_hugging_face_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=8, max_position_embeddings=6, type_vocab_size=1)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    spec = ws.permutation_spec(model, {"input_ids": torch.randint(0, 20, (2, 5))})
+    assert any(l is not None and l.kind == "product" for v in spec.axes.values() for l in v)    # (heads x head_dim)
+    sds = [transformers.BertModel(cfg).state_dict() for _ in range(2)]
+    batch = wsnn.WeightSpaceBatch.from_state_dicts(sds, spec, dtype=torch.float64)
+    batch = batch.map(lambda t: 30 * t + torch.randn(t.shape, dtype=t.dtype))   # BERT's init is tiny (std 0.02)
+    net = wsnn.UNF(spec, 2, 1, out_features=1, fixed_axes="permuted").double()
+    check_equivariant(net, batch, spec, invariant=True)
