@@ -277,6 +277,18 @@ class InTerm:
     piece: int
     equation: str      # einsum: piece (B, slots..., D) -> (B, signature..., D)
     divisor: float     # product of the sizes of averaged-out blocks
+    sum_dims: Optional[Tuple[int, ...]] = None   # fast path (no diagonal): slot axes to sum ...
+    perm: Tuple[int, ...] = ()                    # ... then this order of the remaining axes
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The input side of the term on a flattened piece ``(B, n..., D)`` -> ``(B, n_sig..., D)``."""
+        if self.sum_dims is None:
+            y = torch.einsum(self.equation, x)
+        else:
+            y = x.sum(dim=[1 + d for d in self.sum_dims]) if self.sum_dims else x
+            if self.perm != tuple(range(len(self.perm))):
+                y = y.permute(0, *(1 + j for j in self.perm), y.dim() - 1)
+        return y / self.divisor if self.divisor != 1.0 else y
 
 
 @dataclass(frozen=True)
@@ -284,6 +296,7 @@ class OutTerm:
     piece: int
     equation: str                          # einsum: chunk (B, signature..., D), deltas... -> (B, slots..., D)
     deltas: Tuple[Tuple[int, int], ...]    # (size, order) of each delta / ones operand
+    carried: Optional[Tuple[int, ...]] = None   # fast path (no diagonal): the slot each signature axis lands on
 
 
 class BasisPlan:
@@ -312,7 +325,11 @@ class BasisPlan:
                     src = "".join(letter[s] for s in range(k))
                     dst = "".join(_LETTERS[bi] for bi in kept)
                     div = float(math.prod(sizes[slots[b[0]]] for bi, b in enumerate(blocks) if bi not in kept))
-                    in_terms.setdefault(sig, []).append(InTerm(pi, f"Y{src}Z->Y{dst}Z", div))
+                    simple = all(len(b) == 1 for b in blocks)
+                    sum_dims = tuple(b[0] for bi, b in enumerate(blocks) if bi not in kept) if simple else None
+                    rest = sorted(blocks[bi][0] for bi in kept)
+                    perm = tuple(rest.index(blocks[bi][0]) for bi in kept)
+                    in_terms.setdefault(sig, []).append(InTerm(pi, f"Y{src}Z->Y{dst}Z", div, sum_dims, perm))
                     # output side: every matching of the signature positions onto the kept blocks
                     for assign in self._assignments(sig, [blocks[bi] for bi in kept], slots):
                         out_terms.setdefault(sig, []).append(self._out_term(pi, k, blocks, assign, slots, sizes))
@@ -348,7 +365,8 @@ class BasisPlan:
             deltas.append((sizes[slots[b[0]]], len(b)))
         out = "".join(_LETTERS[s] for s in range(k))
         eq = ",".join([f"Y{chunk}Z"] + operands) + f"->Y{out}Z"
-        return OutTerm(pi, eq, tuple(deltas))
+        simple = all(len(b) == 1 for b in blocks)
+        return OutTerm(pi, eq, tuple(deltas), tuple(b[0] for b in assign) if simple else None)
 
     # -- counts ------------------------------------------------------------------------------------------
     def in_width(self, sig: Tuple[str, ...]) -> int:

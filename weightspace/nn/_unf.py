@@ -155,14 +155,18 @@ class UNFLayer(nn.Module):
         return batch.with_tensors(self.layout.assemble(self.apply_pieces(xs)))
 
     def apply_pieces(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
-        """The layer on pieces ``(B, n..., F, C_in)`` -> pieces ``(B, n..., F, C_out)``."""
+        """The layer on pieces ``(B, n..., F, C_in)`` -> pieces ``(B, n..., F, C_out)``.
+
+        Output terms without diagonals are summed at their own (small) size per set of carried axes
+        and broadcast once; terms with diagonal embeddings go through ``einsum`` with delta tensors."""
         pieces, plan = self.layout.pieces, self.plan
         B = xs[0].shape[0]
         flat = [x.reshape(*x.shape[:-2], -1) for x in xs]
-        ys: List[List[torch.Tensor]] = [[] for _ in pieces]
+        small: List[dict] = [{} for _ in pieces]          # per piece: carried slots -> (B, n_carried..., D)
+        full: List[List[torch.Tensor]] = [[] for _ in pieces]
         dev, dt = flat[0].device, flat[0].dtype
         for s, theta in zip(plan.signatures, self.matrices()):
-            zs = [torch.einsum(t.equation, flat[t.piece]) / t.divisor for t in plan.in_terms[s]]
+            zs = [t.reduce(flat[t.piece]) for t in plan.in_terms[s]]
             if s == () and plan.bias:
                 zs.append(torch.ones(B, 1, device=dev, dtype=dt))
             z = torch.cat(zs, dim=-1) if len(zs) > 1 else zs[0]
@@ -172,13 +176,26 @@ class UNFLayer(nn.Module):
                 w = pieces[t.piece].F * self.out_channels
                 chunk = h[..., off:off + w]
                 off += w
-                ops = [delta(n, m, dev, dt) for n, m in t.deltas]
-                ys[t.piece].append(torch.einsum(t.equation, chunk, *ops) if ops or t.equation.split("->")[0] != t.equation.split("->")[1] else chunk)
+                if t.carried is not None:
+                    order = sorted(range(len(t.carried)), key=lambda j: t.carried[j])
+                    if order != list(range(len(order))):
+                        chunk = chunk.permute(0, *(1 + j for j in order), chunk.dim() - 1)
+                    key = tuple(sorted(t.carried))
+                    acc = small[t.piece]
+                    acc[key] = chunk if key not in acc else acc[key] + chunk
+                else:
+                    full[t.piece].append(torch.einsum(t.equation, chunk, *[delta(n, m, dev, dt) for n, m in t.deltas]))
         out = []
-        for p, terms in zip(pieces, ys):
-            y = terms[0] if len(terms) == 1 else torch.stack(terms).sum(0) if terms else None
-            if y is None:  # a piece no term writes to cannot occur (the pooled term reaches every piece)
-                y = xs[0].new_zeros(B, *p.slot_sizes, p.F * self.out_channels)
+        for pi, p in enumerate(pieces):
+            D = p.F * self.out_channels
+            y = None
+            for key, v in sorted(small[pi].items(), key=lambda kv: -len(kv[0])):
+                shape = [B] + [p.slot_sizes[i] if i in key else 1 for i in range(len(p.slot_sizes))] + [D]
+                v = v.reshape(shape)
+                y = v if y is None else y + v
+            for v in full[pi]:
+                y = v if y is None else y + v
+            y = y.expand(B, *p.slot_sizes, D)
             out.append(y.reshape(B, *p.slot_sizes, p.F, self.out_channels))
         return out
 
@@ -207,7 +224,7 @@ class InvariantPool(nn.Module):
 
     def pool_pieces(self, xs: List[torch.Tensor]) -> torch.Tensor:
         flat = [x.reshape(*x.shape[:-2], -1) for x in xs]
-        return torch.cat([torch.einsum(t.equation, flat[t.piece]) / t.divisor for t in self.plan.in_terms[()]], dim=-1)
+        return torch.cat([t.reduce(flat[t.piece]) for t in self.plan.in_terms[()]], dim=-1)
 
 
 def make_activation(name: Union[str, nn.Module, None]) -> nn.Module:
