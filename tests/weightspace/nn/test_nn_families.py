@@ -135,3 +135,20 @@ def test_scope_errors_name_the_feature():
         wsnn.NFN(mlp, variant="hnp")
     with pytest.raises(wsnn.UnsupportedSpecError, match="io_embed"):
         wsnn.UNF(mlp, io_embed=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["NFN", "DWSNet", "NFT", "StatNN", "FlatMLP"])
+def test_families_cuda_match_cpu(family):
+    batch, spec, _ = batch_of("mlp", n=3)
+    torch.manual_seed(0)
+    kw = {"heads": 2} if family == "NFT" else {}
+    net = getattr(wsnn, family)(spec, 4, 2, out_features=2, **kw).double().eval()
+    y = net(batch)
+    y_gpu = net.cuda()(batch.to("cuda"))
+    assert y_gpu.device.type == "cuda" and torch.allclose(y_gpu.cpu(), y, atol=1e-9)
+    if family != "StatNN":
+        eq = getattr(wsnn, family)(spec, 4, 2, out_features=None, **kw).double()
+        out = eq(batch)
+        out_gpu = eq.cuda()(batch.to("cuda"))
+        assert all(torch.allclose(out_gpu.tensors[k].cpu(), out.tensors[k], atol=1e-9) for k in out.keys)

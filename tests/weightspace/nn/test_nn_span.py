@@ -153,3 +153,16 @@ def test_span_oracle_detects_a_missing_term():
 
     rank, defect = layer_span(lambda k: Pruned(k), spec, keys, draws=148)
     assert defect < 1e-10 and rank == 142 - missing < 142
+
+
+def test_fixed_axis_modes_on_a_cnn():
+    # "io" promotes only neuron axes (NFN's NP for CNNs: kernels folded into channels), "permuted" also kernels
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    spec = ws.permutation_spec(net, torch.randn(1, 2, 6, 6))
+    keys = wsnn.default_keys(spec)
+    F = {m: {p.key: p.F for p in wsnn.SpaceLayout(spec, keys, m).pieces} for m in ("dense", "io", "permuted")}
+    assert F["dense"]["0.weight"] == 2 * 9 and F["dense"]["5.weight"] == 5 and F["dense"]["5.bias"] == 5
+    assert F["io"]["0.weight"] == 9 and F["io"]["2.weight"] == 9 and F["io"]["5.weight"] == 1 and F["io"]["5.bias"] == 1
+    assert set(F["permuted"].values()) == {1}
+    io = wsnn.SpaceLayout(spec, keys, "io")
+    assert io.groups["5:out"] == 5 and io.groups["0.weight:1"] == 2        # the output rows and bias share one group
