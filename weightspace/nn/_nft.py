@@ -32,7 +32,7 @@ from torch import nn
 
 from weightspace.nn._basis import BasisPlan, SpaceLayout
 from weightspace.nn._batch import WeightSpaceBatch
-from weightspace.nn._unf import (IOEmbedding, InvariantPool, SpecLike, UNFLayer, check_batch, make_activation,
+from weightspace.nn._unf import (IOEmbedding, InvariantPool, SpecLike, UNFLayer, check_batch, check_dtype, make_activation,
                                  readout_mlp, resolve_space)
 
 __all__ = ["NFTBlock", "NFT", "EquivariantAttention"]
@@ -175,6 +175,7 @@ class NFT(nn.Module):
 
     def forward(self, batch: WeightSpaceBatch) -> Union[torch.Tensor, WeightSpaceBatch]:
         check_batch(batch, self.keys, self.in_channels, "NFT")
+        check_dtype(self, batch, "NFT")
         xs = self.layout.extract(batch.tensors)
         if self.input_scale != 1.0:
             xs = [x * self.input_scale for x in xs]

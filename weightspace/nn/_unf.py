@@ -71,6 +71,15 @@ def resolve_space(spec: SpecLike, keys: Optional[Sequence[str]]) -> Tuple[Permut
     return spec, tuple(keys) if keys is not None else default_keys(spec)
 
 
+def check_dtype(module: nn.Module, batch: WeightSpaceBatch, who: str) -> None:
+    p = next(module.parameters(), None)
+    if p is not None and p.is_floating_point() and p.dtype != batch.dtype:
+        raise BatchError(f"{who} has {p.dtype} parameters but the batch holds {batch.dtype}; convert one of them "
+                         f"(batch.to({p.dtype}) or module.to({batch.dtype}))")
+    if p is not None and p.device != batch.device:
+        raise BatchError(f"{who} is on {p.device} but the batch is on {batch.device}; move one of them (batch.to(device))")
+
+
 def check_batch(batch: Any, keys: Tuple[str, ...], channels: int, who: str) -> None:
     if not isinstance(batch, WeightSpaceBatch):
         raise BatchError(f"{who} takes a WeightSpaceBatch (wsnn.WeightSpaceBatch.from_state_dicts(state_dicts, spec)), "
@@ -151,6 +160,7 @@ class UNFLayer(nn.Module):
 
     def forward(self, batch: WeightSpaceBatch) -> WeightSpaceBatch:
         check_batch(batch, self.keys, self.in_channels, "UNFLayer")
+        check_dtype(self, batch, "UNFLayer")
         xs = self.layout.extract(batch.tensors)
         return batch.with_tensors(self.layout.assemble(self.apply_pieces(xs)))
 
@@ -314,6 +324,7 @@ class UNF(nn.Module):
 
     def forward(self, batch: WeightSpaceBatch) -> Union[torch.Tensor, WeightSpaceBatch]:
         check_batch(batch, self.keys, self.in_channels, type(self).__name__)
+        check_dtype(self, batch, type(self).__name__)
         xs = self.layout.extract(batch.tensors)
         if self.input_scale != 1.0:
             xs = [x * self.input_scale for x in xs]

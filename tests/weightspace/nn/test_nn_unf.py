@@ -101,6 +101,9 @@ def test_unf_errors():
     other, _, _ = batch_of("cnn", n=2)
     with pytest.raises(wsnn.BatchError, match="other keys"):
         net(other)
+    with pytest.raises(wsnn.BatchError, match=r"float32 parameters but the batch holds torch.float64.*batch.to"):
+        net(batch)
+    batch = batch.to(torch.float32)
     with pytest.raises(wsnn.BatchError, match="input channels"):
         net(batch.map(lambda t: torch.cat([t, t], -1)))
     with pytest.raises(wsnn.UnsupportedSpecError, match="fixed_axes"):
