@@ -21,8 +21,8 @@ NFNLayer/NFN   NP or HNP              MLPs and conv -> pool -> dense CNNs (no re
                                       attention, flatten)
 DWSLayer/      HNP                    MLPs (Linear layers only)
 DWSNet
-NFT            NP attention + NP      MLPs and conv -> pool -> dense CNNs
-               linear layers
+NFT            the spec's (or + I/O   anything UNF takes (attention over the tokens of each
+               axes permuted)         group, plus pooled per-tensor tokens)
 FlatMLP        none (baseline)        any: an MLP on the concatenated weights
 StatNN         invariant to any       any: per-tensor statistics (Unterthiner et al. 2020)
                per-tensor permutation
@@ -45,6 +45,14 @@ _EXPORTS = {
     "UNF": "weightspace.nn._unf",
     "InvariantPool": "weightspace.nn._unf",
     "EquivariantActivation": "weightspace.nn._unf",
+    # NFN (NP/HNP), DWS, NFT
+    "NFNLayer": "weightspace.nn._nfn",
+    "NFN": "weightspace.nn._nfn",
+    "DWSLayer": "weightspace.nn._dws",
+    "DWSNet": "weightspace.nn._dws",
+    "NFT": "weightspace.nn._nft",
+    "NFTBlock": "weightspace.nn._nft",
+    "EquivariantAttention": "weightspace.nn._nft",
     # baselines
     "FlatMLP": "weightspace.nn._baselines",
     "StatNN": "weightspace.nn._baselines",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from weightspace.nn._batch import WeightSpaceBatch
-from weightspace.nn._unf import SpecLike, check_batch, make_activation, resolve_space
+from weightspace.nn._unf import SpecLike, check_batch, check_dtype, make_activation, resolve_space
 
 __all__ = ["FlatMLP", "StatNN", "StatFeatures"]
 
@@ -57,6 +57,7 @@ class FlatMLP(nn.Module):
 
     def forward(self, batch: WeightSpaceBatch) -> Union[torch.Tensor, WeightSpaceBatch]:
         check_batch(batch, self.keys, self.in_channels, "FlatMLP")
+        check_dtype(self, batch, "FlatMLP")
         y = self.mlp(batch.flatten() * self.input_scale)
         if self.out_features is not None:
             return y
@@ -112,4 +113,5 @@ class StatNN(nn.Module):
 
     def forward(self, batch: WeightSpaceBatch) -> torch.Tensor:
         check_batch(batch, self.keys, self.in_channels, "StatNN")
+        check_dtype(self, batch, "StatNN")
         return self.mlp(self.norm(self.features(batch)))

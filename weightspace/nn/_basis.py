@@ -42,7 +42,9 @@ additionally treats every fixed axis of size > 1 as permuted by a group of its o
 ``weight`` and its ``bias`` share one): for an MLP this is the NP group of Zhou et al. 2023
 (arXiv:2302.14040), and for CNNs it permutes kernel positions as UNF does by default. It is a
 larger group than the true symmetry (so a smaller, cheaper basis: ``F = 1`` everywhere) and is
-equivariant to the true symmetry as well.
+equivariant to the true symmetry as well. ``fixed_axes="io"`` promotes only the fixed *neuron* axes
+(axis 0 or 1 of a ``weight``/``bias``: the network's inputs and outputs) and keeps kernel positions
+and flatten factors dense: the NP group of NFN for CNNs, which folds kernels into channels.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ import logging
 import math
 import string
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -63,7 +65,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Piece", "SpaceLayout", "BasisPlan", "UnsupportedSpecError", "bell", "set_partitions"]
 
-FIXED_MODES = ("dense", "permuted")
+FIXED_MODES = ("dense", "permuted", "io")
 
 
 class UnsupportedSpecError(WeightspaceError, ValueError):
@@ -109,23 +111,23 @@ class Piece:
     sub_sizes: Tuple[int, ...]
     sub_groups: Tuple[Optional[str], ...]
 
-    @property
+    @cached_property
     def slot_pos(self) -> Tuple[int, ...]:
         return tuple(i for i, g in enumerate(self.sub_groups) if g is not None)
 
-    @property
+    @cached_property
     def dense_pos(self) -> Tuple[int, ...]:
         return tuple(i for i, g in enumerate(self.sub_groups) if g is None)
 
-    @property
+    @cached_property
     def slots(self) -> Tuple[str, ...]:
         return tuple(self.sub_groups[i] for i in self.slot_pos)
 
-    @property
+    @cached_property
     def slot_sizes(self) -> Tuple[int, ...]:
         return tuple(self.sub_sizes[i] for i in self.slot_pos)
 
-    @property
+    @cached_property
     def F(self) -> int:
         return math.prod(self.sub_sizes[i] for i in self.dense_pos)
 
@@ -178,13 +180,18 @@ class SpaceLayout:
                 if -1 in shape:
                     raise UnsupportedSpecError(f"the spec has no shape for {key!r}; build it with shapes (from_axes_to_perm does)")
             per_axis = [_flatten_layout(l, shape[ax], f"{key!r} axis {ax}") for ax, l in enumerate(layouts)]
+
+            def nsub_ok(ax: int, subs) -> bool:      # "io": a whole neuron axis (0 or 1) of a weight or bias
+                return ax <= 1 and len(subs) == 1 and len(per_axis[ax]) == 1 and key.rpartition(".")[2] in ("weight", "bias")
+
             self.key_pieces[key] = []
             for combo in itertools.product(*per_axis) if per_axis else [()]:
                 slices = tuple((ax, s, e) for ax, (s, e, _) in enumerate(combo) if len(per_axis[ax]) > 1)
                 sizes, names = [], []
                 for ax, (_, _, subs) in enumerate(combo):
                     for j, (g, n) in enumerate(subs):
-                        if g is None and fixed_axes == "permuted" and n > 1:
+                        promote = fixed_axes == "permuted" or (fixed_axes == "io" and nsub_ok(ax, subs))
+                        if g is None and promote and n > 1:
                             g = self._promoted_name(key, ax, j, len(subs), len(shape))
                             if groups.setdefault(g, n) != n:
                                 raise UnsupportedSpecError(f"fixed axes tied as {g!r} have sizes {groups[g]} and {n}")
@@ -270,6 +277,18 @@ class InTerm:
     piece: int
     equation: str      # einsum: piece (B, slots..., D) -> (B, signature..., D)
     divisor: float     # product of the sizes of averaged-out blocks
+    sum_dims: Optional[Tuple[int, ...]] = None   # fast path (no diagonal): slot axes to sum ...
+    perm: Tuple[int, ...] = ()                    # ... then this order of the remaining axes
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The input side of the term on a flattened piece ``(B, n..., D)`` -> ``(B, n_sig..., D)``."""
+        if self.sum_dims is None:
+            y = torch.einsum(self.equation, x)
+        else:
+            y = x.sum(dim=[1 + d for d in self.sum_dims]) if self.sum_dims else x
+            if self.perm != tuple(range(len(self.perm))):
+                y = y.permute(0, *(1 + j for j in self.perm), y.dim() - 1)
+        return y / self.divisor if self.divisor != 1.0 else y
 
 
 @dataclass(frozen=True)
@@ -277,6 +296,7 @@ class OutTerm:
     piece: int
     equation: str                          # einsum: chunk (B, signature..., D), deltas... -> (B, slots..., D)
     deltas: Tuple[Tuple[int, int], ...]    # (size, order) of each delta / ones operand
+    carried: Optional[Tuple[int, ...]] = None   # fast path (no diagonal): the slot each signature axis lands on
 
 
 class BasisPlan:
@@ -305,7 +325,11 @@ class BasisPlan:
                     src = "".join(letter[s] for s in range(k))
                     dst = "".join(_LETTERS[bi] for bi in kept)
                     div = float(math.prod(sizes[slots[b[0]]] for bi, b in enumerate(blocks) if bi not in kept))
-                    in_terms.setdefault(sig, []).append(InTerm(pi, f"Y{src}Z->Y{dst}Z", div))
+                    simple = all(len(b) == 1 for b in blocks)
+                    sum_dims = tuple(b[0] for bi, b in enumerate(blocks) if bi not in kept) if simple else None
+                    rest = sorted(blocks[bi][0] for bi in kept)
+                    perm = tuple(rest.index(blocks[bi][0]) for bi in kept)
+                    in_terms.setdefault(sig, []).append(InTerm(pi, f"Y{src}Z->Y{dst}Z", div, sum_dims, perm))
                     # output side: every matching of the signature positions onto the kept blocks
                     for assign in self._assignments(sig, [blocks[bi] for bi in kept], slots):
                         out_terms.setdefault(sig, []).append(self._out_term(pi, k, blocks, assign, slots, sizes))
@@ -341,7 +365,8 @@ class BasisPlan:
             deltas.append((sizes[slots[b[0]]], len(b)))
         out = "".join(_LETTERS[s] for s in range(k))
         eq = ",".join([f"Y{chunk}Z"] + operands) + f"->Y{out}Z"
-        return OutTerm(pi, eq, tuple(deltas))
+        simple = all(len(b) == 1 for b in blocks)
+        return OutTerm(pi, eq, tuple(deltas), tuple(b[0] for b in assign) if simple else None)
 
     # -- counts ------------------------------------------------------------------------------------------
     def in_width(self, sig: Tuple[str, ...]) -> int:

@@ -112,7 +112,8 @@ class WeightSpaceBatch:
         buffers : also process floating BatchNorm running statistics (default ``False``).
         dtype : the dtype of the stacked tensors (default: the widest floating dtype present,
             at least float32, so the round trip is exact).
-        device : where the stacked tensors live (default: where the first state dict's tensors are).
+        device : where the stacked tensors live (default: where the first state dict's tensors are;
+            ``"auto"``: CUDA when available).
 
         Raises :class:`BatchError` for an empty sequence, a key the spec does not describe, a
         tensor whose shape differs from the spec (naming the key and both shapes) and networks of
@@ -177,6 +178,9 @@ class WeightSpaceBatch:
                     dtype = d
         if device is None:
             device = ref[keys[0]].device
+        elif isinstance(device, str) and device == "auto":
+            from weightspace._utils import resolve_device
+            device = resolve_device("auto")
         tensors = OrderedDict((k, torch.stack([sd[k].detach().to(device=device, dtype=dtype) for sd in sds]).unsqueeze(-1))
                               for k in keys)
         kset = set(keys)

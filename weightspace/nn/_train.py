@@ -165,7 +165,7 @@ def fit_processor(model: nn.Module, inputs: Sequence[Any], targets: torch.Tensor
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
             opt.step()
-            tot += float(loss_sum) if weight > 0 else 0.0
+            tot += float(loss_sum.detach()) if weight > 0 else 0.0
             cnt += int(mine.numel()) if weight > 0 else 0
         rec: Dict[str, float] = {"epoch": ep + 1, "train_loss": tot / max(cnt, 1)}
         if world > 1:  # the epoch loss over all ranks' slices

@@ -173,6 +173,8 @@ class ModelZoo(Result):
             by_arch.setdefault(str(self.metadata[i].get("architecture", "?")), []).append(j)
         for arch, js in by_arch.items():
             m = self.model(idx[js[0]])
+            if example_inputs is None and not hasattr(m, "example_input"):
+                raise ZooError(f"{type(m).__name__} has no example_input(); pass example_inputs= (a batch the model accepts) to graphs()")
             x = example_inputs if example_inputs is not None else m.example_input()
             gs = graphs_from_states(m, x, [self.states[idx[j]] for j in js])
             for j, g in zip(js, gs):

@@ -69,8 +69,9 @@ def orbit_count(spec, keys):
     return len({find(x) for x in range(D * D)})
 
 
-def layer_matrix(layer, spec, keys, D):
-    """The D x D matrix of a (bias-free) linear layer with one input and one output channel."""
+def layer_matrices(layer, spec, keys, D):
+    """The K matrices (K, D, D) of a bias-free linear layer with 1 input and K output channels:
+    output channel c is the map ``M_c[out, in]``, each with its own parameters."""
     eye = torch.eye(D, dtype=torch.float64)
     tensors, off = {}, 0
     for k in keys:
@@ -80,28 +81,31 @@ def layer_matrix(layer, spec, keys, D):
         off += n
     batch = wsnn.WeightSpaceBatch(spec, tensors)
     with torch.no_grad():
-        out = layer(batch).flatten()                 # (D inputs, D outputs)
-    return out.T                                     # M[out, in]
+        out = layer(batch).flatten()                 # (D inputs, D outputs * K), channels last
+    return out.reshape(D, D, -1).permute(2, 1, 0)    # (K, out, in)
 
 
-def layer_span(layer, spec, keys, draws):
-    """(rank of the span of the layer's maps over ``draws`` random parameter draws, max commutation defect).
+def layer_span(make_layer, spec, keys, draws):
+    """(rank of the span of the maps of ``draws`` independently drawn layers, max commutation defect).
 
-    The layer is linear in its parameters, so ``draws`` >= the commutant's dimension generic draws
-    span the same space as all parameter values (with probability one)."""
+    ``make_layer(k)`` builds the layer with 1 input and ``k`` output channels; each output channel
+    has its own parameters, so one forward gives ``k`` independent draws. They are re-drawn from a
+    standard normal; the layer is linear in them, so ``draws`` >= the commutant's dimension generic
+    draws span everything the layer can express (with probability one)."""
     maps, D = coordinate_maps(spec, keys)
-    layer = layer.double()
+    layer = make_layer(draws).double()
     g = torch.Generator().manual_seed(1000)
-    mats, defect = [], 0.0
-    for _ in range(draws):
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-        M = layer_matrix(layer, spec, keys, D)
-        for src in maps:
-            defect = max(defect, (M[src][:, src] - M).abs().max().item())     # (P M P^T)[i,j] = M[src i, src j]
-        mats.append(M.reshape(-1))
-    return torch.linalg.matrix_rank(torch.stack(mats)).item(), defect
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    Ms = layer_matrices(layer, spec, keys, D)
+    defect = 0.0
+    for src in maps:
+        defect = max(defect, (Ms[:, src][:, :, src] - Ms).abs().max().item())   # (P M P^T)[i,j] = M[src i, src j]
+    A = Ms.reshape(draws, -1)
+    A = A / A.norm(dim=1, keepdim=True)
+    # rank through the (draws x draws) Gram matrix: an eigenproblem, much cheaper than the SVD of A
+    return torch.linalg.matrix_rank(A @ A.T, hermitian=True, rtol=1e-10).item(), defect
 
 
 def coordinate_orbit_count(spec, keys):

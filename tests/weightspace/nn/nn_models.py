@@ -1,4 +1,6 @@
 """Small architectures (one per spec feature) shared by the weightspace.nn tests."""
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -49,7 +51,9 @@ def randomize(model, seed):
     return model
 
 
+@functools.lru_cache(maxsize=None)
 def batch_of(name, n=3, dtype=torch.float64):
+    """(batch, spec, state dicts) of ``n`` random networks (cached: callers must not modify them)."""
     model, x = make(name)
     spec = ws.permutation_spec(model, x)
     sds = [randomize(make(name, seed=i)[0], 100 + i).state_dict() for i in range(n)]

@@ -168,3 +168,19 @@ def test_gradients_reach_every_parameter():
         p(b).sum().backward()
         missing = [n for n, t in p.named_parameters() if t.grad is None]
         assert not missing, missing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", PROCESSORS)
+def test_cuda_matches_cpu(cls):
+    models = _models()[:2]
+    b = ws.NeuralGraph.batch([ws.NeuralGraph.from_model(m, m.example_input()) for m in models])
+    p = _make(cls, 2)
+    ref = p(b)
+    out = p.to("cuda")(b)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-8, atol=1e-8)
+    q = _make(cls, None)
+    o_ref = q(b)
+    o = q.to("cuda")(b)
+    torch.testing.assert_close(o.edges.cpu(), o_ref.edges, rtol=1e-8, atol=1e-8)
