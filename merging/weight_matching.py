@@ -91,6 +91,7 @@ def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Gene
                 solved += 1
                 gain, scale, new = core.head_block_step(prob, H, perms, method=lap_method)
                 if gain > rtol * max(scale, 1e-30) and any(not torch.equal(new[g], perms[g]) for g in new):
+                    obj += gain
                     for g, p in new.items():
                         if not torch.equal(p, perms[g]):
                             perms[g] = p
@@ -118,16 +119,18 @@ def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Gene
                     v_old, v_new = core.value(C, old), core.value(C, new)
                     gain, scale = v_new - v_old, max(abs(v_old), abs(v_new))
                 if gain > rtol * max(scale, 1e-30):
+                    obj += gain
                     perms[g] = new.to(old.device)
                     prob.versions[g] += 1
                     dirty.update(prob.neighbours[g])
                     changed.append(g)
-        new_obj = core.objective(prob, perms)
-        sweeps.append({"sweep": sweep, "objective": new_obj, "solved": solved, "changed": len(changed),
+        sweeps.append({"sweep": sweep, "objective": obj, "solved": solved, "changed": len(changed),
                        "seconds": time.perf_counter() - t0})
-        obj = new_obj
     else:
         converged = not dirty
+    # per sweep: the running objective (float64 start + the accepted steps' gains, each > 0, so it never
+    # decreases); the returned objective is recomputed in float64 from the final permutations
+    obj = core.objective(prob, perms)
     return {"sweeps": sweeps, "objective": obj, "converged": converged, "n_assignments": n_lap,
             "n_colors": len(classes)}
 
