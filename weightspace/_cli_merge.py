@@ -40,8 +40,11 @@ class CLIError(ValueError):
 
 def add_parser(subparsers) -> Any:
     """Register ``merge`` on the ``weightspace`` command's subparsers."""
+    import argparse
+
     p = subparsers.add_parser("merge", help="merge two or more checkpoints (streams elementwise methods)",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+                              description="\n\n".join(__doc__.split("\n\n")[1:3]) if __doc__ else None,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="checkpoints to merge (.safetensors or .pt state dicts), model_a first")
     p.add_argument("--out", required=True, help="merged checkpoint to write (.safetensors recommended)")
     p.add_argument("--method", default="average", help="a method of merging.methods() (default average)")
