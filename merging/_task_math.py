@@ -83,7 +83,7 @@ def trim_threshold(delta: torch.Tensor, density: float) -> float:
 def _bits(x: torch.Tensor, wide: bool) -> torch.Tensor:
     """Integer bit patterns of ``|x|``: monotone in the value for non-negative floats."""
     a = x.detach().abs().reshape(-1)
-    return a.to(torch.float64).view(torch.int64) if wide else a.to(torch.float32).view(torch.int32).to(torch.int64)
+    return a.to(torch.float64).view(torch.int64) if wide else a.to(torch.float32).view(torch.int32)
 
 
 def kth_largest_abs(passes: Callable[[], Iterable[Sequence[torch.Tensor]]], k: Sequence[int], *,
