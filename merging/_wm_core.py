@@ -160,8 +160,11 @@ def build_problem(spec, state_a, state_b, *, keys: Sequence[str], dtype=torch.fl
                 rest.append(occ)
         fused = []
         for deps, lst in simple.items():
-            f = Occ(lst[0].key, lst[0].ax, (), torch.cat([o.A for o in lst], 1), deps)
-            f.Bm0 = torch.cat([o.Bm0 for o in lst], 1)
+            if len(lst) == 1:
+                f = lst[0]
+            else:
+                f = Occ(lst[0].key, lst[0].ax, (), torch.cat([o.A for o in lst], 1), deps)
+                f.Bm0 = torch.cat([o.Bm0 for o in lst], 1)
             f.parts = tuple((o.key, o.ax) for o in lst)
             fused.append(f)
         occs[g] = fused + rest
@@ -352,7 +355,7 @@ def objective(prob: Problem, perms: Perms, keys: Optional[Sequence[str]] = None)
     tot = 0.0
     for k in (prob.A if keys is None else keys):
         Bp = permute_axes(prob.B[k], prob.spec.axes[k], perms)
-        tot += float((prob.A[k].double() * Bp.double()).sum())
+        tot += float((prob.A[k] * Bp).sum(dtype=torch.float64))  # products in the cost dtype, float64 sums
     return tot
 
 

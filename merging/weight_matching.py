@@ -70,7 +70,7 @@ def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Gene
     order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
     classes = core.color_classes(prob, order)
     dirty = set(groups)
-    obj = core.objective(prob, perms)
+    obj = obj_start = core.objective(prob, perms)
     sweeps: List[Dict[str, Any]] = []
     n_lap = 0
     converged = False
@@ -131,7 +131,7 @@ def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Gene
     # per sweep: the running objective (float64 start + the accepted steps' gains, each > 0, so it never
     # decreases); the returned objective is recomputed in float64 from the final permutations
     obj = core.objective(prob, perms)
-    return {"sweeps": sweeps, "objective": obj, "converged": converged, "n_assignments": n_lap,
+    return {"sweeps": sweeps, "objective": obj, "objective_start": obj_start, "converged": converged, "n_assignments": n_lap,
             "n_colors": len(classes)}
 
 
@@ -159,8 +159,6 @@ def match_weights(spec, state_a, state_b, *, seed: int = 0, max_sweeps: int = 10
     obj_id = None
     for r in range(restarts):
         prob = core.build_problem(spec, state_a, state_b, keys=keys, dtype=dt, device=dev)
-        if obj_id is None:
-            obj_id = core.objective(prob, identity_permutation_on(spec, dev))
         gen = torch.Generator()
         gen.manual_seed(int(seed) + 1000003 * r)
         if r == 0:
@@ -170,6 +168,8 @@ def match_weights(spec, state_a, state_b, *, seed: int = 0, max_sweeps: int = 10
         perms = {g: p.to(dev) for g, p in start.items()}
         run = _descent(prob, perms, gen, max_sweeps=max_sweeps, rtol=rtol, lap_method=lap_method)
         run["restart"] = r
+        if r == 0:
+            obj_id = run["objective_start"] if init is None else core.objective(prob, identity_permutation_on(spec, dev))
         runs.append(run)
         if best is None or run["objective"] > best[0]:
             best = (run["objective"], {g: p.cpu() for g, p in perms.items()}, r)
