@@ -83,7 +83,7 @@ def trim_threshold(delta: torch.Tensor, density: float) -> float:
 def _bits(x: torch.Tensor, wide: bool) -> torch.Tensor:
     """Integer bit patterns of ``|x|``: monotone in the value for non-negative floats."""
     a = x.detach().abs().reshape(-1)
-    return a.to(torch.float64).view(torch.int64) if wide else a.to(torch.float32).view(torch.int32).to(torch.int64)
+    return a.to(torch.float64).view(torch.int64) if wide else a.to(torch.float32).view(torch.int32)
 
 
 def kth_largest_abs(passes: Callable[[], Iterable[Sequence[torch.Tensor]]], k: Sequence[int], *,
@@ -150,14 +150,16 @@ def kth_largest_abs(passes: Callable[[], Iterable[Sequence[torch.Tensor]]], k: S
     return out
 
 
-def trim(delta: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``delta`` with every entry of ``|delta| < threshold`` set to zero."""
+def trim(delta: torch.Tensor, threshold: float, *, inplace: bool = False) -> torch.Tensor:
+    """``delta`` with every entry of ``|delta| < threshold`` set to zero (in place when ``inplace``)."""
     if threshold <= 0.0:
         return delta
     a = delta.abs()
     if float(torch.tensor(threshold, dtype=delta.dtype)) != threshold:
         a = a.to(torch.float64)   # the threshold is not representable in delta's dtype: compare exactly
-    return torch.where(a >= threshold, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    drop = a < threshold
+    del a
+    return delta.masked_fill_(drop, 0) if inplace else delta.masked_fill(drop, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,20 +215,23 @@ def elect_and_merge(deltas: Sequence[torch.Tensor], coeffs: Sequence[float], mer
     Where ``sum_k c_k delta_k`` is exactly 0, ``gamma = 0`` and the merged entry is 0 (the paper's
     formula; mergekit elects +, FusionBench the overall majority -- a measure-zero difference).
     """
-    total = None
+    gamma = torch.zeros_like(deltas[0])
     for d, c in zip(deltas, coeffs):
-        total = d * c if total is None else total + d * c
-    gamma = torch.sign(total)
-    num = torch.zeros_like(total)
-    den = torch.zeros_like(total) if merge == "mean" else None
-    for d, c in zip(deltas, coeffs):
-        m = (torch.sign(d) == gamma) & (d != 0)
-        num = num + torch.where(m, d * c, torch.zeros((), dtype=d.dtype, device=d.device))
+        gamma.add_(d, alpha=c)
+    gamma.sign_()
+    num = torch.zeros_like(gamma)
+    den = torch.zeros_like(gamma) if merge == "mean" else None
+    for d, c in zip(deltas, coeffs):   # a few full-size temporaries at a time (streaming keeps memory low)
+        m = torch.sign(d) == gamma
+        m &= d != 0
+        num.add_(d.masked_fill(~m, 0), alpha=c)
         if den is not None:
-            den = den + m.to(d.dtype) * c
+            den.add_(m.to(d.dtype), alpha=c)
+        del m
     if den is None:
         return num
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+    pos = den > 0
+    return num.div_(den.masked_fill_(~pos, 1.0)).masked_fill_(~pos, 0.0)
 
 
 def relative_coeffs(weights: Sequence[float]) -> List[float]:

@@ -76,6 +76,11 @@ class Occ:
     deps: Tuple[str, ...]  # groups whose permutation changes this occurrence's B matrix
     cache: Optional[torch.Tensor] = None  # last A @ B^T
     cache_versions: Optional[Tuple[int, ...]] = None
+    B_last: Optional[torch.Tensor] = None  # B's matrix behind ``cache`` (general path)
+    n_updates: int = 0  # low-rank updates since the last full product
+    Bm0: Optional[torch.Tensor] = None  # simple own axis: B's unpermuted matrix; columns gathered by ``col_last``
+    col_last: Optional[torch.Tensor] = None
+    parts: Tuple[Tuple[str, int], ...] = ()  # simple occurrences fused into this one: (key, axis), column blocks
 
 
 @dataclass
@@ -93,6 +98,7 @@ class Problem:
     device: torch.device
     versions: Dict[str, int] = field(default_factory=dict)
     heads: Dict[str, List[Tuple[str, int, Tuple[int, ...], Optional[str]]]] = field(default_factory=dict)
+    refresh: int = 8
 
 
 def matched_keys(spec, state: Mapping[str, torch.Tensor], param_names: Optional[Sequence[str]] = None) -> List[str]:
@@ -139,9 +145,29 @@ def build_problem(spec, state_a, state_b, *, keys: Sequence[str], dtype=torch.fl
                 others = [h for h in groups_in_key[k] if h != g]
                 if len(axes_of[(k, g)]) > 1:
                     others = groups_in_key[k]
-                occs[g].append(Occ(k, ax, path, isolate(A[k], ax, lay, path).contiguous(),
-                                   tuple(sorted(set(others)))))
+                occ = Occ(k, ax, path, isolate(A[k], ax, lay, path).contiguous(), tuple(sorted(set(others))))
+                if not path:
+                    occ.Bm0 = isolate(B[k], ax, lay, path).contiguous()
+                occs[g].append(occ)
                 keys_of[g].add(k)
+    for g in spec.groups:  # one matrix per dependency set: [W | b | ...] side by side, one product instead of several
+        simple: Dict[Tuple[str, ...], List[Occ]] = {}
+        rest = []
+        for occ in occs[g]:
+            if occ.Bm0 is not None:
+                simple.setdefault(occ.deps, []).append(occ)
+            else:
+                rest.append(occ)
+        fused = []
+        for deps, lst in simple.items():
+            if len(lst) == 1:
+                f = lst[0]
+            else:
+                f = Occ(lst[0].key, lst[0].ax, (), torch.cat([o.A for o in lst], 1), deps)
+                f.Bm0 = torch.cat([o.Bm0 for o in lst], 1)
+            f.parts = tuple((o.key, o.ax) for o in lst)
+            fused.append(f)
+        occs[g] = fused + rest
     neighbours = {}
     for g in spec.groups:
         nb = set()
@@ -240,22 +266,88 @@ def head_block_step(prob: Problem, H: str, perms: Perms, method: str = "auto"):
 
 
 def group_cost(prob: Problem, g: str, perms: Perms, use_cache: bool = True) -> torch.Tensor:
-    """``C_g = sum_(key, axis) mat(W_A) mat(pi_not_g(W_B))^T`` (n, n), cached per occurrence."""
-    n = prob.spec.groups[g]
-    C = torch.zeros(n, n, dtype=prob.dtype, device=prob.device)
+    """``C_g = sum_(key, axis) mat(W_A) mat(pi_not_g(W_B))^T`` (n, n), cached per occurrence.
+
+    A cached term is reused while the groups it depends on keep their versions; when they changed,
+    B's matrix is gathered again and, if only a few of its columns moved (a neighbour swapped a few
+    units), the term is updated with a low-rank correction ``A[:, S] (B_new[:, S] - B_old[:, S])^T``
+    instead of the full product (recomputed in full every ``prob.refresh`` updates against drift).
+    """
+    terms = []
     for occ in prob.occs[g]:
         ver = tuple(prob.versions[h] for h in occ.deps)
         if use_cache and occ.cache is not None and occ.cache_versions == ver:
-            C += occ.cache
-            continue
-        lay = prob.spec.axes[occ.key]
-        Bp = permute_axes(prob.B[occ.key], lay, perms, skip=(occ.ax, g))
-        Bm = isolate(Bp, occ.ax, lay[occ.ax], occ.path)
-        c = occ.A @ Bm.T
+            c = occ.cache
+        elif occ.Bm0 is not None:
+            c = _simple_term(prob, occ, perms, use_cache)
+        else:
+            c = _general_term(prob, occ, g, perms, use_cache)
         if use_cache:
             occ.cache, occ.cache_versions = c, ver
+        terms.append(c)
+    if not terms:
+        n = prob.spec.groups[g]
+        return torch.zeros(n, n, dtype=prob.dtype, device=prob.device)
+    C = terms[0] + terms[1] if len(terms) > 1 else terms[0]
+    for c in terms[2:]:
         C += c
     return C
+
+
+def column_index(prob: Problem, occ: Occ, perms: Perms) -> torch.Tensor:
+    """Columns of ``occ.Bm0`` that form B's matrix under ``perms`` (every axis but the occurrence's own):
+    per fused tensor, the row-major ravel of its other axes' gather indices, offset by its column block."""
+    cols, off = [], 0
+    for key, ax in occ.parts:
+        layouts = prob.spec.axes[key]
+        shape = prob.B[key].shape
+        col = torch.zeros((), dtype=torch.long, device=prob.device)
+        for d, lay in enumerate(layouts):
+            if d == ax:
+                continue
+            idx = lay.index(perms, device=prob.device) if lay is not None else torch.arange(shape[d], device=prob.device)
+            col = (col.unsqueeze(-1) * shape[d] + idx).reshape(-1)
+        col = col.reshape(-1)
+        cols.append(col + off)
+        off += col.numel()
+    return cols[0] if len(cols) == 1 else torch.cat(cols)
+
+
+def _simple_term(prob: Problem, occ: Occ, perms: Perms, use_cache: bool) -> torch.Tensor:
+    """``A B^T`` for an occurrence on a simple axis: full product, or a low-rank update on moved columns."""
+    col = column_index(prob, occ, perms)
+    if use_cache and occ.cache is not None and occ.col_last is not None and occ.n_updates < prob.refresh:
+        moved = (col != occ.col_last).nonzero().view(-1)
+        if moved.numel() * 3 < col.numel():
+            delta = occ.Bm0.index_select(1, col[moved]) - occ.Bm0.index_select(1, occ.col_last[moved])
+            c = occ.cache + occ.A.index_select(1, moved) @ delta.T
+            occ.n_updates += 1
+            occ.col_last = col
+            return c
+    c = occ.A @ occ.Bm0.index_select(1, col).T
+    occ.n_updates = 0
+    if use_cache:
+        occ.col_last = col
+    return c
+
+
+def _general_term(prob: Problem, occ: Occ, g: str, perms: Perms, use_cache: bool) -> torch.Tensor:
+    """``A B^T`` for an occurrence inside a structured axis (gather, isolate, product)."""
+    lay = prob.spec.axes[occ.key]
+    Bp = permute_axes(prob.B[occ.key], lay, perms, skip=(occ.ax, g))
+    Bm = isolate(Bp, occ.ax, lay[occ.ax], occ.path)
+    if use_cache and occ.cache is not None and occ.B_last is not None and occ.n_updates < prob.refresh:
+        moved = (Bm != occ.B_last).any(0).nonzero().view(-1)
+        if moved.numel() * 3 < Bm.shape[1]:
+            c = occ.cache + occ.A.index_select(1, moved) @ (Bm.index_select(1, moved)
+                                                            - occ.B_last.index_select(1, moved)).T
+            occ.n_updates += 1
+            occ.B_last = Bm
+            return c
+    occ.n_updates = 0
+    if use_cache:
+        occ.B_last = Bm
+    return occ.A @ Bm.T
 
 
 def objective(prob: Problem, perms: Perms, keys: Optional[Sequence[str]] = None) -> float:
@@ -263,7 +355,7 @@ def objective(prob: Problem, perms: Perms, keys: Optional[Sequence[str]] = None)
     tot = 0.0
     for k in (prob.A if keys is None else keys):
         Bp = permute_axes(prob.B[k], prob.spec.axes[k], perms)
-        tot += float((prob.A[k].double() * Bp.double()).sum())
+        tot += float((prob.A[k] * Bp).sum(dtype=torch.float64))  # products in the cost dtype, float64 sums
     return tot
 
 
@@ -299,4 +391,5 @@ def solve_batch(costs: Dict[str, torch.Tensor], method: str = "auto", workers=No
 
 
 def value(C: torch.Tensor, perm: torch.Tensor) -> float:
-    return float(C.double().gather(1, perm.to(C.device).view(-1, 1)).sum())
+    """``sum_i C[i, perm[i]]`` accumulated in float64."""
+    return float(C.gather(1, perm.to(C.device).view(-1, 1)).double().sum())

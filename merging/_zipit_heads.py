@@ -14,9 +14,8 @@ block, not for a layer inside one). :func:`check_cut` verifies it numerically.
 """
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn

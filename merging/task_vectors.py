@@ -217,10 +217,11 @@ def ties(ctx: MergeContext, density: float = 0.2, scaling: float = 1.0, trim: st
             raise RuntimeError(f"ties: {len(thresholds)} global thresholds for {len(ctx.states)} task vectors")
 
     def per_key(key, deltas, b):
+        # the deltas are fresh tensors owned here: trim them in place
         if thresholds is None:
-            trimmed = [tm.trim(d, tm.trim_threshold(d, density)) for d in deltas]
+            trimmed = [tm.trim(d, tm.trim_threshold(d, density), inplace=True) for d in deltas]
         else:
-            trimmed = [tm.trim(d, t) for d, t in zip(deltas, thresholds)]
+            trimmed = [tm.trim(d, t, inplace=True) for d, t in zip(deltas, thresholds)]
         return b + lam * tm.elect_and_merge(trimmed, c, merge)
 
     out = _merge_keys(ctx, "ties", per_key)

@@ -70,7 +70,7 @@ def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Gene
     order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
     classes = core.color_classes(prob, order)
     dirty = set(groups)
-    obj = core.objective(prob, perms)
+    obj = obj_start = core.objective(prob, perms)
     sweeps: List[Dict[str, Any]] = []
     n_lap = 0
     converged = False
@@ -91,6 +91,7 @@ def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Gene
                 solved += 1
                 gain, scale, new = core.head_block_step(prob, H, perms, method=lap_method)
                 if gain > rtol * max(scale, 1e-30) and any(not torch.equal(new[g], perms[g]) for g in new):
+                    obj += gain
                     for g, p in new.items():
                         if not torch.equal(p, perms[g]):
                             perms[g] = p
@@ -118,17 +119,19 @@ def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Gene
                     v_old, v_new = core.value(C, old), core.value(C, new)
                     gain, scale = v_new - v_old, max(abs(v_old), abs(v_new))
                 if gain > rtol * max(scale, 1e-30):
+                    obj += gain
                     perms[g] = new.to(old.device)
                     prob.versions[g] += 1
                     dirty.update(prob.neighbours[g])
                     changed.append(g)
-        new_obj = core.objective(prob, perms)
-        sweeps.append({"sweep": sweep, "objective": new_obj, "solved": solved, "changed": len(changed),
+        sweeps.append({"sweep": sweep, "objective": obj, "solved": solved, "changed": len(changed),
                        "seconds": time.perf_counter() - t0})
-        obj = new_obj
     else:
         converged = not dirty
-    return {"sweeps": sweeps, "objective": obj, "converged": converged, "n_assignments": n_lap,
+    # per sweep: the running objective (float64 start + the accepted steps' gains, each > 0, so it never
+    # decreases); the returned objective is recomputed in float64 from the final permutations
+    obj = core.objective(prob, perms)
+    return {"sweeps": sweeps, "objective": obj, "objective_start": obj_start, "converged": converged, "n_assignments": n_lap,
             "n_colors": len(classes)}
 
 
@@ -156,8 +159,6 @@ def match_weights(spec, state_a, state_b, *, seed: int = 0, max_sweeps: int = 10
     obj_id = None
     for r in range(restarts):
         prob = core.build_problem(spec, state_a, state_b, keys=keys, dtype=dt, device=dev)
-        if obj_id is None:
-            obj_id = core.objective(prob, identity_permutation_on(spec, dev))
         gen = torch.Generator()
         gen.manual_seed(int(seed) + 1000003 * r)
         if r == 0:
@@ -167,6 +168,8 @@ def match_weights(spec, state_a, state_b, *, seed: int = 0, max_sweeps: int = 10
         perms = {g: p.to(dev) for g, p in start.items()}
         run = _descent(prob, perms, gen, max_sweeps=max_sweeps, rtol=rtol, lap_method=lap_method)
         run["restart"] = r
+        if r == 0:
+            obj_id = run["objective_start"] if init is None else core.objective(prob, identity_permutation_on(spec, dev))
         runs.append(run)
         if best is None or run["objective"] > best[0]:
             best = (run["objective"], {g: p.cpu() for g, p in perms.items()}, r)

@@ -17,7 +17,8 @@ are then recomputed on ``data`` (``reset_bn``), as the paper resets them after m
 Partial zipping (``stop=``): only the groups observed at or before module ``stop`` (in forward order)
 are zipped; the result is a :class:`~merging._zipit_heads.MultiHeadModel` sharing the zipped trunk
 and running each model's own tail (``MethodOutput.model``; its output format is documented there:
-a list of the tails' outputs, or their concatenation with ``output="concat"``).
+a list of the tails' outputs, or their concatenation with ``output="concat"``). ``state_dict`` is
+then the trunk's: the whole architecture, of which only the layers up to ``stop`` are used.
 
 Variants and defaults. ``zip_alpha`` (the paper's alpha; ``alpha=`` of merge() is the model
 weight) damps repeated merges of a merged feature (0: never merge again; with ``N > 2`` models every

@@ -21,6 +21,7 @@ the latter); method, options, weights, seed, inputs and library versions go into
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -40,8 +41,11 @@ class CLIError(ValueError):
 
 def add_parser(subparsers) -> Any:
     """Register ``merge`` on the ``weightspace`` command's subparsers."""
+    import argparse
+
     p = subparsers.add_parser("merge", help="merge two or more checkpoints (streams elementwise methods)",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+                              description="\n\n".join(__doc__.split("\n\n")[1:3]) if __doc__ else None,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="checkpoints to merge (.safetensors or .pt state dicts), model_a first")
     p.add_argument("--out", required=True, help="merged checkpoint to write (.safetensors recommended)")
     p.add_argument("--method", default="average", help="a method of merging.methods() (default average)")
@@ -195,7 +199,10 @@ def run(args) -> int:
     if base is not None and "base" not in info.needs:
         raise CLIError(f"method {info.name!r} does not use --base")
     out, report = _check_paths(args, inputs, base)
-    options = parse_options(args.option, info.options, info.name)
+    valid = dict(info.options)
+    if len(inputs) >= 3 and info.aligns and "merge_many" in methods:   # merge() runs MergeMany around the method
+        valid = {**{k: v for k, v in methods["merge_many"].options.items() if k != "inner"}, **info.align_options}
+    options = parse_options(args.option, valid, info.name)
     wkw = _weights(args, len(inputs))
     needs_model = (not info.elementwise) or args.repair is not None or args.data is not None or "spec" in info.needs
     if needs_model and not args.model:
@@ -208,7 +215,7 @@ def run(args) -> int:
     if args.repair is not None and args.data is None:
         raise CLIError(f"--repair {args.repair} measures activations: pass --data digits")
     common = dict(method=info.name, seed=args.seed, device=args.device, **wkw, **options)
-    meta_settings = {"method": info.name, "options": {**info.options, **options}, "seed": args.seed,
+    meta_settings = {"method": info.name, "options": {**valid, **options}, "seed": args.seed,
                      "inputs": [p.name for p in inputs], "base": base.name if base else None, "repair": args.repair,
                      "device": args.device, **wkw, "versions": versions()}
 
@@ -269,12 +276,12 @@ def run(args) -> int:
 
     # ---------------------------------------------------------------- summary
     lines = [f"merged {len(inputs)} checkpoints with {info.name}: {info.paper}",
-             f"options: {json.dumps(to_jsonable({**info.options, **options}))}; seed {args.seed}"]
+             f"options: {json.dumps(to_jsonable({**valid, **options}))}; seed {args.seed}"]
     if res.log.get("streamed"):
         lg = res.log
         lines.append(f"streamed: read {lg['bytes_read'] / 2**20:.1f} MiB in all from {lg['input_bytes'] / 2**20:.1f} MiB of inputs, "
                      f"wrote {lg['bytes_written'] / 2**20:.1f} MiB; largest working set {lg['largest_key_bytes'] / 2**20:.2f} MiB")
-    if res.alignment is not None:
+    if res.alignment is not None and math.isfinite(float(res.alignment.objective)):
         lines.append(f"alignment objective: {float(res.alignment.objective):.6g}")
     if metrics:
         for name, m in metrics.items():

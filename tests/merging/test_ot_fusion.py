@@ -135,3 +135,13 @@ def test_options_and_errors():
         merging.merge(a, b, method="ot_fusion", example_inputs=x[:2], target=5)
     info = merging.methods()["ot_fusion"]
     assert "arXiv:1910.05653" in info.paper and info.same_shapes is False
+
+
+@pytest.mark.gpu
+def test_cuda_equals_cpu():
+    a, b = _mlp(0), _mlp(1)
+    x = _x()
+    for kw in (dict(), dict(ground_cost="activations", data=(x, None))):
+        cpu = merging.merge(a, b, method="ot_fusion", example_inputs=x[:2], device="cpu", **kw)
+        gpu = merging.merge(a, b, method="ot_fusion", example_inputs=x[:2], device="cuda", **kw)
+        assert _close(gpu.state_dict, cpu.state_dict, atol=1e-5)

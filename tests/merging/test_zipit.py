@@ -201,3 +201,17 @@ def test_zipit_errors_name_the_problem():
         merging.merge(a, b, method="zipit", data=_data(), zip_beta=2.0)
     info = merging.methods()["zipit"]
     assert "arXiv:2305.03053" in info.paper and set(info.needs) == {"spec", "data"}
+
+
+@pytest.mark.gpu
+def test_cuda_equals_cpu():
+    a, b = _mlp(0), _mlp(1)
+    data = _data()
+    cpu = merging.merge(a, b, method="zipit", data=data, device="cpu")
+    gpu = merging.merge(a, b, method="zipit", data=data, device="cuda")
+    for k, v in cpu.state_dict.items():
+        assert torch.allclose(gpu.state_dict[k].cpu(), v, atol=1e-5), k
+    part = merging.merge(a, b, method="zipit", data=data, device="cuda", stop="acts.0")
+    with torch.no_grad():
+        outs = part.model(data[0].cuda())
+    assert outs[0].is_cuda

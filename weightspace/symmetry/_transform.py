@@ -14,8 +14,8 @@ change of basis of a group's features ``h (n_old) -> h' = M h (n_new)`` needs tw
 For a permutation matrix ``P`` (``P[i, perm[i]] = 1``) the merge is ``P`` and the unmerge ``P^T``;
 both reduce to the gather of :func:`weightspace.permute`. ZipIt! (Stoica et al. 2024,
 arXiv:2305.03053) uses an averaging merge and a 0/1 unmerge per model; OT fusion (Singh & Jaggi 2020,
-arXiv:1910.05653) uses a rescaled transport plan for both (``M = diag(1/b) T^T``, ``U = M^T``... see
-``merging.ot_fusion``).
+arXiv:1910.05653) uses a transport plan ``T (n_old, n_new)`` rescaled by its marginals ``a = T 1``,
+``b = T^T 1``: merge ``M = diag(1/b) T^T`` and unmerge ``U = diag(1/a) T`` (see ``merging.ot_fusion``).
 
 Structured axes apply their parts' maps without forming dense Kronecker products: a product axis
 ``(a x b)`` is reshaped to ``a, b`` and each part mapped on its own sub-axis (``M_a kron M_b``), a
