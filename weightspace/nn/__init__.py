@@ -28,7 +28,7 @@ StatNN         invariant to any       any: per-tensor statistics (Unterthiner et
                per-tensor permutation
 =============  =====================  ==========================================================
 """
-from weightspace._lazy import lazy_dir, lazy_getattr
+from weightspace.lazy import lazy_dir, lazy_getattr
 
 _EXPORTS = {
     # batches of networks

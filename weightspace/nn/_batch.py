@@ -179,7 +179,7 @@ class WeightSpaceBatch:
         if device is None:
             device = ref[keys[0]].device
         elif isinstance(device, str) and device == "auto":
-            from weightspace._utils import resolve_device
+            from weightspace.utils import resolve_device
             device = resolve_device("auto")
         tensors = OrderedDict((k, torch.stack([sd[k].detach().to(device=device, dtype=dtype) for sd in sds]).unsqueeze(-1))
                               for k in keys)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weightspace.results import Result, WeightspaceError, versions
-from weightspace._utils import resolve_device
+from weightspace.utils import resolve_device
 
 log = logging.getLogger(__name__)
 

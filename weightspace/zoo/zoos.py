@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weightspace.results import Result, WeightspaceError, versions
-from weightspace._utils import resolve_device
+from weightspace.utils import resolve_device
 from weightspace.zoo._cache import atomic_save, cache_dir, load_tensors, settings_key
 from weightspace.zoo.data import load_digits
 from weightspace.zoo.models import _seeded
