@@ -27,7 +27,7 @@ class Alignment(Result):
     permutations: Dict[str, torch.Tensor]
     objective: float
     settings: Dict[str, Any] = field(default_factory=dict)
-    log: Dict[str, Any] = field(default_factory=dict)
+    log: Dict[str, Any] = field(default_factory=dict, compare=False)
 
     _skip_in_dict = ("spec",)
 
@@ -57,7 +57,7 @@ class MergeResult(Result):
     alignment: Optional[Alignment]
     spec: Any
     settings: Dict[str, Any] = field(default_factory=dict)
-    log: Dict[str, Any] = field(default_factory=dict)
+    log: Dict[str, Any] = field(default_factory=dict, compare=False)
 
     _skip_in_dict = ("model", "state_dict", "spec")
 

@@ -245,7 +245,9 @@ def test_public_docstring_examples_run(module):
 
 
 # data containers that are not results of a computation (no settings/log of their own)
-_NOT_RESULTS = {"PermutationSpec", "Axis", "GraphTensors", "Layer", "EdgeBlock", "NodeFeature", "Feat"}
+# containers and contracts, not results: specs, graph pieces, the method registry and its calling contract
+_NOT_RESULTS = {"PermutationSpec", "Axis", "GraphTensors", "Layer", "EdgeBlock", "NodeFeature", "Feat", "GraphOutput",
+                "MergeContext", "MethodOutput", "MethodInfo"}
 _ROWS = {"EpochRecord", "LayerSpectrum", "Barrier", "PCADirections", "FeatureStats", "CrossStats"}  # parts of a result
 
 
@@ -253,7 +255,8 @@ def _exported_dataclasses():
     import dataclasses as dc
 
     out = []
-    for package in ("weightspace", "analysis", "weightspace.features", "weightspace.zoo", "weightspace.symmetry",
+    for package in ("weightspace", "analysis", "merging", "weightspace.nn", "weightspace.features", "weightspace.zoo",
+                    "weightspace.symmetry",
                     "weightspace.graph", "weightspace.state"):
         mod = importlib.import_module(package)
         for name in getattr(mod, "__all__", ()):

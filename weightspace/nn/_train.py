@@ -50,7 +50,7 @@ class ProcessorFit(Result):
     history: Tuple[Dict[str, float], ...]
     seconds: float
     settings: Dict[str, Any] = field(default_factory=dict)
-    log: Tuple[str, ...] = ()
+    log: Tuple[str, ...] = field(default=(), compare=False)
 
 
 def _dist() -> Tuple[int, int]:

@@ -106,7 +106,7 @@ class ModelZoo(Result):
     states: Tuple[Dict[str, torch.Tensor], ...]
     metadata: Tuple[Dict[str, Any], ...]
     settings: Dict[str, Any] = field(default_factory=dict)
-    log: Tuple[str, ...] = ()
+    log: Tuple[str, ...] = field(default=(), compare=False)
     builder: Optional[Callable[[Mapping[str, Any]], nn.Module]] = None
 
     _skip_in_dict = ("states", "builder")
