@@ -7,8 +7,9 @@ plotly.js once, fetch nothing, and are byte-identical for identical inputs.
 
 >>> import viz                                                            # doctest: +SKIP
 >>> viz.Report("LMC").add(viz.barrier_figure(curve)).write("report.html")  # doctest: +SKIP
->>> viz.analysis_report({"Interpolation": {"naive": c0, "weight_matching": c1}}, "A vs B").write("r.html")  # doctest: +SKIP
+>>> viz.analysis_report({"Interpolation": {"naive": c0}}, "A vs B").write("r.html")  # doctest: +SKIP
 """
+
 from weightspace.lazy import lazy_dir, lazy_getattr
 
 _EXPORTS = {

@@ -5,6 +5,7 @@ wheel) with the **system** Chromium (``apt-get install chromium``; never ``playw
 found from ``$CHROMIUM_PATH`` or ``chromium``/``chromium-browser``/``google-chrome`` on ``PATH`` and
 launched with ``--no-sandbox`` (REFERENCES §8.4).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,13 +42,17 @@ def _browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise BrowserUnavailable('Playwright is not installed: pip install "weightspace[browser]" (or playwright)') from exc
+        raise BrowserUnavailable(
+            'Playwright is not installed: pip install "weightspace[browser]" (or playwright)'
+        ) from exc
     exe = find_chromium()
     if exe is None:
         raise BrowserUnavailable("no system Chromium: apt-get install chromium, or set CHROMIUM_PATH")
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu", "--use-gl=swiftshader",
-                                                          "--enable-unsafe-swiftshader"])
+        b = pw.chromium.launch(
+            executable_path=exe,
+            args=["--no-sandbox", "--disable-gpu", "--use-gl=swiftshader", "--enable-unsafe-swiftshader"],
+        )
         try:
             yield b
         finally:
@@ -61,14 +66,16 @@ _PROBE = """() => {
     drawn: divs.filter(d => d.classList.contains('js-plotly-plot') && d.querySelector('.main-svg')).length,
     main_svg: document.querySelectorAll('.js-plotly-plot .main-svg').length,
     data_lengths: divs.map(d => (d.data ? d.data.length : -1)),
-    share_buttons: document.querySelectorAll('.modebar-btn[data-title*="Share"], .modebar-btn[data-title*="Cloud"]').length,
+    share_buttons: document.querySelectorAll(
+      '.modebar-btn[data-title*="Share"], .modebar-btn[data-title*="Cloud"]').length,
     modebar_titles: [...new Set([...document.querySelectorAll('.modebar-btn')].map(b => b.getAttribute('data-title')))],
   };
 }"""
 
 
-def _check_page(b, page_path: Path, n: Optional[int], timeout_s: float, width: int, height: int,
-                screenshot_to) -> Dict[str, Any]:
+def _check_page(
+    b, page_path: Path, n: Optional[int], timeout_s: float, width: int, height: int, screenshot_to
+) -> Dict[str, Any]:
     page = b.new_page(viewport={"width": width, "height": height})
     errors: List[str] = []
     requests: List[str] = []
@@ -85,7 +92,9 @@ def _check_page(b, page_path: Path, n: Optional[int], timeout_s: float, width: i
         page.wait_for_function(
             "n => [...document.querySelectorAll('.plotly-graph-div')]"
             ".filter(d => d.classList.contains('js-plotly-plot') && d.querySelector('.main-svg')).length >= n",
-            arg=n, timeout=timeout_s * 1000)
+            arg=n,
+            timeout=timeout_s * 1000,
+        )
     except Exception as exc:  # a timeout: report what is there
         errors.append(f"timeout: {n} figures did not render within {timeout_s} s ({type(exc).__name__})")
     page.wait_for_timeout(300)  # let late console errors arrive
@@ -99,9 +108,15 @@ def _check_page(b, page_path: Path, n: Optional[int], timeout_s: float, width: i
     return out
 
 
-def browser_check(path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-                  expected_figures: Union[None, int, Sequence[Optional[int]]] = None, *, timeout_s: float = 30.0,
-                  width: int = 1280, height: int = 900, screenshot_to: Optional[Union[str, os.PathLike]] = None):
+def browser_check(
+    path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+    expected_figures: Union[None, int, Sequence[Optional[int]]] = None,
+    *,
+    timeout_s: float = 30.0,
+    width: int = 1280,
+    height: int = 900,
+    screenshot_to: Optional[Union[str, os.PathLike]] = None,
+):
     """Open ``path`` in headless Chromium and report what rendered.
 
     Waits (up to ``timeout_s``) until ``expected_figures`` plot divs hold a drawn ``.main-svg`` (default:
@@ -121,13 +136,21 @@ def browser_check(path: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]
         if not p.is_file():
             raise VizError(f"{p} is not a file")
     with _browser() as b:
-        outs = [_check_page(b, p, n, timeout_s, width, height, screenshot_to if not many else None)
-                for p, n in zip(paths, ns)]
+        outs = [
+            _check_page(b, p, n, timeout_s, width, height, screenshot_to if not many else None)
+            for p, n in zip(paths, ns)
+        ]
     return outs if many else outs[0]
 
 
-def screenshot(path: Union[str, os.PathLike], out: Union[str, os.PathLike], *, width: int = 1280,
-               timeout_s: float = 60.0, overwrite: bool = False) -> Dict[str, Any]:
+def screenshot(
+    path: Union[str, os.PathLike],
+    out: Union[str, os.PathLike],
+    *,
+    width: int = 1280,
+    timeout_s: float = 60.0,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
     """A full-page PNG of a report after every figure has drawn; returns :func:`browser_check`'s dict."""
     out = Path(out)
     if out.exists() and not overwrite:

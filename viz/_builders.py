@@ -9,12 +9,12 @@ Results are recognised by their class name (``InterpolationCurve``, ``LayerwiseB
 analysis code. Anything else becomes a table of its scalar ``to_dict()`` fields, so new result types
 (merging's) appear in reports before they get a figure of their own.
 """
+
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from numbers import Number
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from viz._common import VizError, result_dict
 
@@ -53,9 +53,19 @@ def barrier_rows(curves, kinds: Sequence[str] = _KINDS) -> List[Dict[str, Any]]:
                         b = c.barrier(m, split=sp, kind=k)
                     except ValueError:
                         continue
-                    rows.append({"curve": name, "split": sp, "metric": b.metric, "kind": k, "barrier": b.value,
-                                 "at alpha": b.alpha, "relative": b.relative, "value at A": b.endpoint_a,
-                                 "value at B": b.endpoint_b})
+                    rows.append(
+                        {
+                            "curve": name,
+                            "split": sp,
+                            "metric": b.metric,
+                            "kind": k,
+                            "barrier": b.value,
+                            "at alpha": b.alpha,
+                            "relative": b.relative,
+                            "value at A": b.endpoint_a,
+                            "value at B": b.endpoint_b,
+                        }
+                    )
     return rows
 
 
@@ -71,8 +81,15 @@ def _layerwise_rows(lb) -> List[Dict[str, Any]]:
         for sp, md in d.items():
             for m, arr in md.items():
                 for g, v in zip(lb.groups, list(arr)):
-                    rows.append({"layer group": g, "others from": base, "split": sp,
-                                 "metric": "error" if m == "accuracy" else m, "barrier": float(v)})
+                    rows.append(
+                        {
+                            "layer group": g,
+                            "others from": base,
+                            "split": sp,
+                            "metric": "error" if m == "accuracy" else m,
+                            "barrier": float(v),
+                        }
+                    )
     return rows
 
 
@@ -94,8 +111,12 @@ def add_result(report, name: str, res: Any, *, kind: str = "chord") -> None:
         report.add_table(barrier_rows(group or res), title="Barriers (all variants)")
     elif "LayerwiseBarriers" in names:
         for label, lb in (group or {name: res}).items():
-            for metric in [m for m in ("loss", "accuracy") if m in next(iter(next(iter(lb.barriers.values())).values()))]:
-                report.add(_curves.layerwise_barrier_figure(lb, metric=metric), title=f"{label}: {metric}" if group else None)
+            for metric in [
+                m for m in ("loss", "accuracy") if m in next(iter(next(iter(lb.barriers.values())).values()))
+            ]:
+                report.add(
+                    _curves.layerwise_barrier_figure(lb, metric=metric), title=f"{label}: {metric}" if group else None
+                )
             report.add_table(_layerwise_rows(lb), title=f"{label}: layer-wise barriers at alpha = {lb.alpha:g}")
     elif "Landscape" in names or "PlaneResult" in names:
         for label, land in (group or {name: res}).items():
@@ -115,13 +136,21 @@ def add_result(report, name: str, res: Any, *, kind: str = "chord") -> None:
     elif "PathNorm" in names:
         pn = group or {"model": res}
         report.add(_layers.path_norm_figure(pn))
-        report.add_table([{"model": k, "q": p.q, "path-norm": p.value, "log path-norm": p.log_value}
-                          for k, v in pn.items() for p in (v if isinstance(v, (list, tuple)) else [v])], title="Path-norms")
+        report.add_table(
+            [
+                {"model": k, "q": p.q, "path-norm": p.value, "log path-norm": p.log_value}
+                for k, v in pn.items()
+                for p in (v if isinstance(v, (list, tuple)) else [v])
+            ],
+            title="Path-norms",
+        )
     elif "SpectralMetrics" in names:
         report.add(_layers.spectral_figure(group or res))
         for label, sm in (group or {"model": res}).items():
-            report.add_table([{k: v for k, v in result_dict(r).items() if k not in ("shape",)} for r in sm.layers],
-                             title=f"{label}: spectral metrics per layer")
+            report.add_table(
+                [{k: v for k, v in result_dict(r).items() if k not in ("shape",)} for r in sm.layers],
+                title=f"{label}: spectral metrics per layer",
+            )
     elif "NormMeasures" in names:
         report.add(_layers.norms_figure(group or res))
         for label, nm in (group or {"model": res}).items():
@@ -136,13 +165,18 @@ def add_result(report, name: str, res: Any, *, kind: str = "chord") -> None:
     elif "InformationPlaneTracker" in names or "InformationPlane" in names:
         for label, ip in (group or {name: res}).items():
             report.add(_training.infoplane_figure(ip, title=f"{label}: information plane" if group else None))
-            rows = ip.history if hasattr(ip, "history") else {k: list(v) for k, v in
-                                                             zip(("layer", "i_xt", "i_ty"), (ip.layers, ip.i_xt, ip.i_ty))}
+            rows = (
+                ip.history
+                if hasattr(ip, "history")
+                else {k: list(v) for k, v in zip(("layer", "i_xt", "i_ty"), (ip.layers, ip.i_xt, ip.i_ty))}
+            )
             report.add_table(rows, title=f"{label}: I(X;T), I(T;Y) ({getattr(ip, 'units', 'bits')})")
     elif "NetworkMetrics" in names:
         for label, nm in (group or {"model": res}).items():
-            rows = [{k: v for k, v in dict(r).items() if not hasattr(v, "__len__") or isinstance(v, str)}
-                    for r in nm.per_layer]
+            rows = [
+                {k: v for k, v in dict(r).items() if not hasattr(v, "__len__") or isinstance(v, str)}
+                for r in nm.per_layer
+            ]
             report.add_table(rows, title=f"{label}: node strength and centralities per layer")
     elif "NeuralGraph" in names:
         for label, g in (group or {name: res}).items():
@@ -153,15 +187,29 @@ def add_result(report, name: str, res: Any, *, kind: str = "chord") -> None:
         rows = []
         for label, r in (group or {name: res}).items():
             d = result_dict(r)
-            flat = {k: v for k, v in d.items() if k not in ("settings", "log")
-                    and (v is None or isinstance(v, (Number, str, bool)) or
-                         (isinstance(v, (list, tuple)) and len(v) <= 8 and all(isinstance(x, Number) for x in v)))}
+            flat = {
+                k: v
+                for k, v in d.items()
+                if k not in ("settings", "log")
+                and (
+                    v is None
+                    or isinstance(v, (Number, str, bool))
+                    or (isinstance(v, (list, tuple)) and len(v) <= 8 and all(isinstance(x, Number) for x in v))
+                )
+            }
             rows.append({"result": label, **flat})
         report.add_table(rows, title=f"{name} ({type(first).__name__})")
 
 
-def analysis_report(results: Mapping[str, Any], title: str = "weightspace analysis", *, report=None,
-                    kind: str = "chord", intro: Optional[str] = None, provenance: Optional[Mapping[str, Any]] = None):
+def analysis_report(
+    results: Mapping[str, Any],
+    title: str = "weightspace analysis",
+    *,
+    report=None,
+    kind: str = "chord",
+    intro: Optional[str] = None,
+    provenance: Optional[Mapping[str, Any]] = None,
+):
     """A :class:`viz.Report` with one section per entry of ``results``, then "Provenance".
 
     Parameters

@@ -15,6 +15,7 @@ points stays responsive in the browser:
   ``max_side`` cells per axis;
 * distributions (weights): histograms are counted in NumPy and drawn as bars, never shipped raw.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,18 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG", "HOVER", "result_dict", "settings_of", "minmax_decimate", "block_mean", "figure_points",
-           "finish", "floats", "VizError"]
+__all__ = [
+    "CONFIG",
+    "HOVER",
+    "result_dict",
+    "settings_of",
+    "minmax_decimate",
+    "block_mean",
+    "figure_points",
+    "finish",
+    "floats",
+    "VizError",
+]
 
 #: Plotly config used for every figure in a report: no "Share chart..." (send data to Plotly's cloud)
 #: button, no Plotly logo link, PNG download at 2x, figures resize with the page.
@@ -64,12 +75,33 @@ def result_dict(obj: Any) -> Dict[str, Any]:
         return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
         return dict(obj)
-    raise VizError(f"cannot read a {type(obj).__name__} as a result: it has no to_dict()/as_dict() and is not a dataclass")
+    raise VizError(
+        f"cannot read a {type(obj).__name__} as a result: it has no to_dict()/as_dict() and is not a dataclass"
+    )
 
 
-_SETTING_FIELDS = ("estimator", "options", "units", "num_samples", "global_mean", "pinv_rank", "nc4_bias", "std_ddof",
-                   "nc1_variant", "nc3_variant", "nc4_variant", "dtype", "q", "kind", "method", "which", "alpha",
-                   "cumulative", "theorem", "loss")
+_SETTING_FIELDS = (
+    "estimator",
+    "options",
+    "units",
+    "num_samples",
+    "global_mean",
+    "pinv_rank",
+    "nc4_bias",
+    "std_ddof",
+    "nc1_variant",
+    "nc3_variant",
+    "nc4_variant",
+    "dtype",
+    "q",
+    "kind",
+    "method",
+    "which",
+    "alpha",
+    "cumulative",
+    "theorem",
+    "loss",
+)
 
 
 def settings_of(obj: Any) -> Dict[str, Any]:
@@ -138,7 +170,7 @@ def block_mean(z: Any, max_side: int = 200) -> Tuple[np.ndarray, int, int]:
         return z, 1, 1
     R, C = math.ceil(z.shape[0] / kr), math.ceil(z.shape[1] / kc)
     pad = np.full((R * kr, C * kc), np.nan)
-    pad[:z.shape[0], :z.shape[1]] = z
+    pad[: z.shape[0], : z.shape[1]] = z
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks stay NaN
         out = np.nanmean(pad.reshape(R, kr, C, kc), axis=(1, 3))
@@ -164,11 +196,22 @@ def figure_points(fig) -> int:
     return total
 
 
-def finish(fig, title: str, x_title: Optional[str] = None, y_title: Optional[str] = None, *, height: Optional[int] = None,
-           legend_below: bool = True):
+def finish(
+    fig,
+    title: str,
+    x_title: Optional[str] = None,
+    y_title: Optional[str] = None,
+    *,
+    height: Optional[int] = None,
+    legend_below: bool = True,
+):
     """Common layout: white template, title, axis titles, full trace names in hover, legend below."""
-    upd: Dict[str, Any] = {"title": {"text": title}, "template": "plotly_white", "hoverlabel": {"namelength": -1},
-                           "margin": {"l": 70, "r": 30, "t": 70, "b": 60}}
+    upd: Dict[str, Any] = {
+        "title": {"text": title},
+        "template": "plotly_white",
+        "hoverlabel": {"namelength": -1},
+        "margin": {"l": 70, "r": 30, "t": 70, "b": 60},
+    }
     if height:
         upd["height"] = height
     if legend_below:

@@ -7,6 +7,7 @@ arXiv:2110.06296), ``"mean_endpoint"`` (Frankle et al. 2020, arXiv:1912.05671; A
 arXiv:2209.04836) and ``"midpoint"``; layer-wise barriers follow Adilova et al. (ICLR 2024,
 arXiv:2307.06966).
 """
+
 from __future__ import annotations
 
 from numbers import Number
@@ -52,8 +53,13 @@ def _reference(b, metric: str) -> float:
     return 1.0 - ref if metric == "accuracy" else ref
 
 
-def interpolation_figure(curves, metrics: Optional[Sequence[str]] = None, splits: Optional[Sequence[str]] = None,
-                         kind: str = "chord", title: Optional[str] = None):
+def interpolation_figure(
+    curves,
+    metrics: Optional[Sequence[str]] = None,
+    splits: Optional[Sequence[str]] = None,
+    kind: str = "chord",
+    title: Optional[str] = None,
+):
     """Metrics along interpolation paths: one panel per metric, several methods overlaid, barriers marked.
 
     Parameters
@@ -75,11 +81,15 @@ def interpolation_figure(curves, metrics: Optional[Sequence[str]] = None, splits
     first = items[0][1]
     avail = list(next(iter(first.values.values())))
     metrics = list(metrics) if metrics is not None else [m for m in ("loss", "accuracy") if m in avail] or avail[:1]
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[_metric_title(m, first.settings) for m in metrics],
-                        horizontal_spacing=0.1)
+    fig = make_subplots(
+        rows=1,
+        cols=len(metrics),
+        subplot_titles=[_metric_title(m, first.settings) for m in metrics],
+        horizontal_spacing=0.1,
+    )
     for col, metric in enumerate(metrics, start=1):
         for name, c in items:
-            for sp in (splits if splits is not None else list(c.values)):
+            for sp in splits if splits is not None else list(c.values):
                 if sp not in c.values:
                     raise VizError(f"split {sp!r} is not in curve {name!r}; available: {list(c.values)}")
                 x, y = floats(c.alphas), _series(c, metric, sp)
@@ -89,31 +99,56 @@ def interpolation_figure(curves, metrics: Optional[Sequence[str]] = None, splits
                     b = None
                 label = f"{name} · {sp}" + (f" ({kind} barrier {b.value:.3g})" if b is not None else "")
                 group = f"{name}|{sp}"
-                fig.add_trace(go.Scatter(
-                    x=x.tolist(), y=y.tolist(), mode="lines+markers", name=label, legendgroup=group,
-                    showlegend=(col == 1) or len(metrics) == 1, marker={"size": 5, "color": color(name)},
-                    line={"color": color(name), "dash": dash(sp)},
-                    hovertemplate=f"{name} · {sp}<br>alpha=%{{x:{HOVER}}}<br>{metric}=%{{y:{HOVER}}}<extra></extra>"),
-                    row=1, col=col)
+                fig.add_trace(
+                    go.Scatter(
+                        x=x.tolist(),
+                        y=y.tolist(),
+                        mode="lines+markers",
+                        name=label,
+                        legendgroup=group,
+                        showlegend=(col == 1) or len(metrics) == 1,
+                        marker={"size": 5, "color": color(name)},
+                        line={"color": color(name), "dash": dash(sp)},
+                        hovertemplate=f"{name} · {sp}<br>alpha=%{{x:{HOVER}}}<br>{metric}=%{{y:{HOVER}}}<extra></extra>",  # noqa: E501
+                    ),
+                    row=1,
+                    col=col,
+                )
                 if b is None:
                     continue
                 at = float(np.interp(b.alpha, x, y))
                 ref = _reference(b, metric)
-                fig.add_trace(go.Scatter(
-                    x=[b.alpha, b.alpha], y=[ref, at], mode="lines+markers", legendgroup=group, showlegend=False,
-                    name=f"{name} · {sp} barrier", line={"color": color(name), "dash": "dot", "width": 1.5},
-                    marker={"symbol": ["line-ew", "diamond"], "size": [10, 9], "color": color(name),
-                            "line": {"color": color(name), "width": 2}},
-                    hovertemplate=(f"{name} · {sp}<br>{kind} barrier on {b.metric} = {b.value:.10g}"
-                                   f"<br>at alpha=%{{x:{HOVER}}}<br>relative = {b.relative:.6g}<extra></extra>")),
-                    row=1, col=col)
+                fig.add_trace(
+                    go.Scatter(
+                        x=[b.alpha, b.alpha],
+                        y=[ref, at],
+                        mode="lines+markers",
+                        legendgroup=group,
+                        showlegend=False,
+                        name=f"{name} · {sp} barrier",
+                        line={"color": color(name), "dash": "dot", "width": 1.5},
+                        marker={
+                            "symbol": ["line-ew", "diamond"],
+                            "size": [10, 9],
+                            "color": color(name),
+                            "line": {"color": color(name), "width": 2},
+                        },
+                        hovertemplate=(
+                            f"{name} · {sp}<br>{kind} barrier on {b.metric} = {b.value:.10g}"
+                            f"<br>at alpha=%{{x:{HOVER}}}<br>relative = {b.relative:.6g}<extra></extra>"
+                        ),
+                    ),
+                    row=1,
+                    col=col,
+                )
         fig.update_xaxes(title_text=_path_title(first), row=1, col=col)
         fig.update_yaxes(title_text=_metric_title(metric, first.settings), row=1, col=col)
     return finish(fig, title or f"Interpolation between the endpoints ({kind} barrier marked)", height=460)
 
 
-def barrier_figure(curves, metric: str = "loss", split: Optional[str] = None, kind: str = "chord",
-                   title: Optional[str] = None):
+def barrier_figure(
+    curves, metric: str = "loss", split: Optional[str] = None, kind: str = "chord", title: Optional[str] = None
+):
     """One metric along interpolation paths, each curve's barrier (variant ``kind``) marked and in the legend.
 
     ``curves`` is one ``analysis.InterpolationCurve`` or a mapping label -> curve; ``split`` defaults to
@@ -121,8 +156,13 @@ def barrier_figure(curves, metric: str = "loss", split: Optional[str] = None, ki
     """
     items = as_named(curves, "curve")
     sp = split or items[0][1].splits[0]
-    return interpolation_figure(dict(items), metrics=[metric], splits=[sp], kind=kind,
-                                title=title or f"{metric} along the path ({sp}; barrier: {kind})")
+    return interpolation_figure(
+        dict(items),
+        metrics=[metric],
+        splits=[sp],
+        kind=kind,
+        title=title or f"{metric} along the path ({sp}; barrier: {kind})",
+    )
 
 
 def _barrier_value(v: Any, metric: str, split: Optional[str], kind: str) -> float:
@@ -135,8 +175,14 @@ def _barrier_value(v: Any, metric: str, split: Optional[str], kind: str) -> floa
     raise VizError(f"cannot read a barrier from a {type(v).__name__}: pass an InterpolationCurve, a Barrier or a float")
 
 
-def barrier_trend_figure(results: Mapping, x_title: str = "width multiplier", metric: str = "loss",
-                         split: Optional[str] = None, kind: str = "chord", title: Optional[str] = None):
+def barrier_trend_figure(
+    results: Mapping,
+    x_title: str = "width multiplier",
+    metric: str = "loss",
+    split: Optional[str] = None,
+    kind: str = "chord",
+    title: Optional[str] = None,
+):
     """Barrier against a swept quantity (width, epoch, depth...), one line per method.
 
     ``results`` is ``{x: curve | Barrier | float}`` or ``{method: {x: curve | Barrier | float}}``; numeric
@@ -158,12 +204,25 @@ def barrier_trend_figure(results: Mapping, x_title: str = "width multiplier", me
             xs = sorted(xs)
         ys = [_barrier_value(pts[x], metric, split, kind) for x in xs]
         xs_all += xs
-        fig.add_trace(go.Scatter(x=[float(x) if numeric else str(x) for x in xs], y=ys, mode="lines+markers",
-                                 name=str(name), line={"color": color(name)}, marker={"size": 7},
-                                 hovertemplate=f"{name}<br>{x_title}=%{{x}}<br>{kind} barrier=%{{y:{HOVER}}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[float(x) if numeric else str(x) for x in xs],
+                y=ys,
+                mode="lines+markers",
+                name=str(name),
+                line={"color": color(name)},
+                marker={"size": 7},
+                hovertemplate=f"{name}<br>{x_title}=%{{x}}<br>{kind} barrier=%{{y:{HOVER}}}<extra></extra>",
+            )
+        )
     ytitle = f"{kind} barrier on {'error' if metric in ('accuracy', 'error') else metric}"
-    finish(fig, title or f"Barrier vs {x_title}", x_title, ytitle + (" (fraction)" if metric in ("accuracy", "error") else " (nats)"),
-           height=420)
+    finish(
+        fig,
+        title or f"Barrier vs {x_title}",
+        x_title,
+        ytitle + (" (fraction)" if metric in ("accuracy", "error") else " (nats)"),
+        height=420,
+    )
     nums = [float(x) for x in xs_all if isinstance(x, Number)]
     if nums and len(nums) == len(xs_all) and min(nums) > 0 and max(nums) / min(nums) > 20:
         fig.update_xaxes(type="log")
@@ -171,8 +230,14 @@ def barrier_trend_figure(results: Mapping, x_title: str = "width multiplier", me
     return fig
 
 
-def layerwise_barrier_figure(result, metric: str = "loss", split: Optional[str] = None, base: str = "A",
-                             epochs: Optional[Sequence[Any]] = None, title: Optional[str] = None):
+def layerwise_barrier_figure(
+    result,
+    metric: str = "loss",
+    split: Optional[str] = None,
+    base: str = "A",
+    epochs: Optional[Sequence[Any]] = None,
+    title: Optional[str] = None,
+):
     """Layer-wise barriers (Adilova et al. 2024) as a heatmap, rows = layer groups in network order.
 
     * one ``LayerwiseBarriers``: columns are the bases computed (``A``, ``B``: which endpoint the other
@@ -203,12 +268,25 @@ def layerwise_barrier_figure(result, metric: str = "loss", split: Optional[str] 
         cols = [f"others from {b}" for b in bases]
         groups, alpha, xtitle = list(result.groups), result.alpha, "base model"
     m = "error" if metric in ("accuracy", "error") else metric
-    fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=cols, y=groups, colorscale="RdBu_r", zmid=0.0,
-        colorbar={"title": {"text": f"barrier ({m})"}},
-        texttemplate="%{z:.3g}" if z.size <= 400 else None,
-        hovertemplate=f"layer %{{y}}<br>%{{x}}<br>barrier on {m}=%{{z:{HOVER}}}<extra></extra>"))
-    finish(fig, title or f"Layer-wise barriers at alpha = {alpha:g} ({m})", xtitle, "layer group (network order)",
-           height=max(360, 28 * len(groups) + 160), legend_below=False)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(),
+            x=cols,
+            y=groups,
+            colorscale="RdBu_r",
+            zmid=0.0,
+            colorbar={"title": {"text": f"barrier ({m})"}},
+            texttemplate="%{z:.3g}" if z.size <= 400 else None,
+            hovertemplate=f"layer %{{y}}<br>%{{x}}<br>barrier on {m}=%{{z:{HOVER}}}<extra></extra>",
+        )
+    )
+    finish(
+        fig,
+        title or f"Layer-wise barriers at alpha = {alpha:g} ({m})",
+        xtitle,
+        "layer group (network order)",
+        height=max(360, 28 * len(groups) + 160),
+        legend_below=False,
+    )
     fig.update_yaxes(autorange="reversed")
     return fig

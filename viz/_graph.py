@@ -12,6 +12,7 @@ Kofinas et al., ICLR 2024, arXiv:2403.12143): neurons are nodes, parameters are 
   one edge per pair of connected layers, coloured by the mean weight, width ~ log of the number of
   edges, hover with count, mean, mean |w| and std. That graph is also built in NetworkX.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,13 +20,26 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from viz._common import HOVER, VizError, finish, floats
+from viz._common import HOVER, finish, floats
 
 __all__ = ["neural_graph_figure"]
 
-_NODE_COLORS = {"input": "#636efa", "output": "#ef553b", "linear": "#00cc96", "conv": "#00cc96", "norm": "#ab63fa",
-                "sum": "#ffa15a", "concat": "#19d3f3", "split": "#19d3f3", "embedding": "#ff6692",
-                "query": "#b6e880", "key": "#b6e880", "value": "#b6e880", "attention": "#ff97ff", "product": "#fecb52"}
+_NODE_COLORS = {
+    "input": "#636efa",
+    "output": "#ef553b",
+    "linear": "#00cc96",
+    "conv": "#00cc96",
+    "norm": "#ab63fa",
+    "sum": "#ffa15a",
+    "concat": "#19d3f3",
+    "split": "#19d3f3",
+    "embedding": "#ff6692",
+    "query": "#b6e880",
+    "key": "#b6e880",
+    "value": "#b6e880",
+    "attention": "#ff97ff",
+    "product": "#fecb52",
+}
 
 
 def _diverging(t: float) -> str:
@@ -69,13 +83,22 @@ def _edge_traces(fig, segs: List[Tuple[float, float, float, float, float]], vmax
             xs += [x0, x1, None]
             ys += [y0, y1, None]
         lo, hi = -vmax + 2 * vmax * b / colors, -vmax + 2 * vmax * (b + 1) / colors
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
-                                 name=f"weights in [{lo:.3g}, {hi:.3g})",
-                                 line={"color": _diverging((b + 0.5) / colors), "width": width}))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                hoverinfo="skip",
+                showlegend=False,
+                name=f"weights in [{lo:.3g}, {hi:.3g})",
+                line={"color": _diverging((b + 0.5) / colors), "width": width},
+            )
+        )
 
 
-def neural_graph_figure(graph, *, max_edges: int = 3000, max_nodes: int = 600, colors: int = 11,
-                        title: Optional[str] = None):
+def neural_graph_figure(
+    graph, *, max_edges: int = 3000, max_nodes: int = 600, colors: int = 11, title: Optional[str] = None
+):
     """Draw a ``weightspace.NeuralGraph`` (or a ``networkx.DiGraph`` from ``to_networkx()``).
 
     Unit-level for graphs up to ``max_edges`` edges and ``max_nodes`` nodes, per-layer summary
@@ -97,22 +120,41 @@ def neural_graph_figure(graph, *, max_edges: int = 3000, max_nodes: int = 600, c
         segs = [(*pos[u], *pos[v], val) for (u, v), val in vals.items()]
         _edge_traces(fig, segs, vmax, colors, width=1.0 if n_edges > 300 else 2.0)
         mids = [((pos[u][0] + pos[v][0]) / 2, (pos[u][1] + pos[v][1]) / 2, u, v, val) for (u, v), val in vals.items()]
-        fig.add_trace(go.Scatter(x=[m[0] for m in mids], y=[m[1] for m in mids], mode="markers", name="edge weights",
-                                 marker={"size": 6, "opacity": 0, "color": [m[4] for m in mids], "coloraxis": "coloraxis"},
-                                 customdata=[[m[2], m[3], m[4], G.edges[m[2], m[3]].get("type", "")] for m in mids],
-                                 hovertemplate=f"edge %{{customdata[0]}} -> %{{customdata[1]}} (%{{customdata[3]}})"
-                                               f"<br>weight=%{{customdata[2]:{HOVER}}}<extra></extra>", showlegend=False))
+        fig.add_trace(
+            go.Scatter(
+                x=[m[0] for m in mids],
+                y=[m[1] for m in mids],
+                mode="markers",
+                name="edge weights",
+                marker={"size": 6, "opacity": 0, "color": [m[4] for m in mids], "coloraxis": "coloraxis"},
+                customdata=[[m[2], m[3], m[4], G.edges[m[2], m[3]].get("type", "")] for m in mids],
+                hovertemplate=f"edge %{{customdata[0]}} -> %{{customdata[1]}} (%{{customdata[3]}})"
+                f"<br>weight=%{{customdata[2]:{HOVER}}}<extra></extra>",
+                showlegend=False,
+            )
+        )
         kinds: Dict[str, List[int]] = {}
         for n, d in G.nodes(data=True):
             kinds.setdefault(str(d.get("type", "unit")), []).append(n)
         for kind, nodes in kinds.items():
-            fig.add_trace(go.Scatter(
-                x=[pos[n][0] for n in nodes], y=[pos[n][1] for n in nodes], mode="markers", name=f"{kind} units",
-                marker={"size": 9 if n_nodes < 200 else 6, "color": _NODE_COLORS.get(kind, "#444"),
-                        "line": {"color": "white", "width": 1}},
-                customdata=[[n, names.get(int(G.nodes[n].get("layer", 0)), ""), G.nodes[n].get("bias", float("nan"))]
-                            for n in nodes],
-                hovertemplate=f"node %{{customdata[0]}}<br>%{{customdata[1]}}<br>bias=%{{customdata[2]:{HOVER}}}<extra>{kind}</extra>"))
+            fig.add_trace(
+                go.Scatter(
+                    x=[pos[n][0] for n in nodes],
+                    y=[pos[n][1] for n in nodes],
+                    mode="markers",
+                    name=f"{kind} units",
+                    marker={
+                        "size": 9 if n_nodes < 200 else 6,
+                        "color": _NODE_COLORS.get(kind, "#444"),
+                        "line": {"color": "white", "width": 1},
+                    },
+                    customdata=[
+                        [n, names.get(int(G.nodes[n].get("layer", 0)), ""), G.nodes[n].get("bias", float("nan"))]
+                        for n in nodes
+                    ],
+                    hovertemplate=f"node %{{customdata[0]}}<br>%{{customdata[1]}}<br>bias=%{{customdata[2]:{HOVER}}}<extra>{kind}</extra>",  # noqa: E501
+                )
+            )
         ttl = title or f"Neural graph: {n_nodes} units, {n_edges} edges (edge colour = weight)"
     else:
         G, pos = _summary(graph, nx)
@@ -122,34 +164,83 @@ def neural_graph_figure(graph, *, max_edges: int = 3000, max_nodes: int = 600, c
         for u, v, d in G.edges(data=True):
             w = 1.0 + 5.0 * math.log1p(d["count"]) / math.log1p(cmax)
             t = 0.0 if vmax == 0 else d["mean_abs"] / vmax
-            fig.add_trace(go.Scatter(x=[pos[u][0], pos[v][0]], y=[pos[u][1], pos[v][1]], mode="lines", hoverinfo="skip",
-                                     showlegend=False, line={"color": _sequential(t), "width": w}))
+            fig.add_trace(
+                go.Scatter(
+                    x=[pos[u][0], pos[v][0]],
+                    y=[pos[u][1], pos[v][1]],
+                    mode="lines",
+                    hoverinfo="skip",
+                    showlegend=False,
+                    line={"color": _sequential(t), "width": w},
+                )
+            )
         es = list(G.edges(data=True))
-        fig.add_trace(go.Scatter(
-            x=[(pos[u][0] + pos[v][0]) / 2 for u, v, _ in es], y=[(pos[u][1] + pos[v][1]) / 2 for u, v, _ in es],
-            mode="markers", name="layer connections", showlegend=False,
-            marker={"size": 8, "opacity": 0.0, "color": [d["mean_abs"] for _, _, d in es], "coloraxis": "coloraxis"},
-            customdata=[[G.nodes[u]["label"], G.nodes[v]["label"], d["count"], d["mean"], d["mean_abs"], d["std"]]
-                        for u, v, d in es],
-            hovertemplate=("%{customdata[0]} -> %{customdata[1]}<br>%{customdata[2]} edges"
-                           f"<br>mean=%{{customdata[3]:{HOVER}}}<br>mean |w|=%{{customdata[4]:{HOVER}}}"
-                           f"<br>std=%{{customdata[5]:{HOVER}}}<extra></extra>")))
+        fig.add_trace(
+            go.Scatter(
+                x=[(pos[u][0] + pos[v][0]) / 2 for u, v, _ in es],
+                y=[(pos[u][1] + pos[v][1]) / 2 for u, v, _ in es],
+                mode="markers",
+                name="layer connections",
+                showlegend=False,
+                marker={
+                    "size": 8,
+                    "opacity": 0.0,
+                    "color": [d["mean_abs"] for _, _, d in es],
+                    "coloraxis": "coloraxis",
+                },
+                customdata=[
+                    [G.nodes[u]["label"], G.nodes[v]["label"], d["count"], d["mean"], d["mean_abs"], d["std"]]
+                    for u, v, d in es
+                ],
+                hovertemplate=(
+                    "%{customdata[0]} -> %{customdata[1]}<br>%{customdata[2]} edges"
+                    f"<br>mean=%{{customdata[3]:{HOVER}}}<br>mean |w|=%{{customdata[4]:{HOVER}}}"
+                    f"<br>std=%{{customdata[5]:{HOVER}}}<extra></extra>"
+                ),
+            )
+        )
         nodes = list(G.nodes(data=True))
         smax = max(d["size"] for _, d in nodes)
-        fig.add_trace(go.Scatter(
-            x=[pos[n][0] for n, _ in nodes], y=[pos[n][1] for n, _ in nodes], mode="markers+text", name="layers",
-            text=[d["label"] for _, d in nodes], textposition="top center", textfont={"size": 10},
-            marker={"size": [8 + 22 * math.log1p(d["size"]) / math.log1p(smax) for _, d in nodes],
-                    "color": [_NODE_COLORS.get(d["kind"], "#444") for _, d in nodes], "line": {"color": "white", "width": 1}},
-            customdata=[[d["label"], d["size"]] for _, d in nodes],
-            hovertemplate="%{customdata[0]}<br>%{customdata[1]} units<extra></extra>"))
-        ttl = title or (f"Neural graph summarised per layer: {n_nodes} units, {n_edges} edges in {G.number_of_nodes()} "
-                        "layers (edge colour = mean |weight|, width ~ log edge count)")
+        fig.add_trace(
+            go.Scatter(
+                x=[pos[n][0] for n, _ in nodes],
+                y=[pos[n][1] for n, _ in nodes],
+                mode="markers+text",
+                name="layers",
+                text=[d["label"] for _, d in nodes],
+                textposition="top center",
+                textfont={"size": 10},
+                marker={
+                    "size": [8 + 22 * math.log1p(d["size"]) / math.log1p(smax) for _, d in nodes],
+                    "color": [_NODE_COLORS.get(d["kind"], "#444") for _, d in nodes],
+                    "line": {"color": "white", "width": 1},
+                },
+                customdata=[[d["label"], d["size"]] for _, d in nodes],
+                hovertemplate="%{customdata[0]}<br>%{customdata[1]} units<extra></extra>",
+            )
+        )
+        ttl = title or (
+            f"Neural graph summarised per layer: {n_nodes} units, {n_edges} edges in {G.number_of_nodes()} "
+            "layers (edge colour = mean |weight|, width ~ log edge count)"
+        )
     summary = not (n_edges <= max_edges and n_nodes <= max_nodes)
     finish(fig, ttl, "layer (execution order)", None, height=620)
-    fig.update_layout(coloraxis={"colorscale": [[0, _sequential(0)], [1, _sequential(1)]], "cmin": 0.0, "cmax": vmax,
-                                 "colorbar": {"title": {"text": "mean |weight|"}}} if summary else
-                      {"colorscale": "RdBu_r", "cmin": -vmax, "cmax": vmax, "cmid": 0.0, "colorbar": {"title": {"text": "weight"}}})
+    fig.update_layout(
+        coloraxis={
+            "colorscale": [[0, _sequential(0)], [1, _sequential(1)]],
+            "cmin": 0.0,
+            "cmax": vmax,
+            "colorbar": {"title": {"text": "mean |weight|"}},
+        }
+        if summary
+        else {
+            "colorscale": "RdBu_r",
+            "cmin": -vmax,
+            "cmax": vmax,
+            "cmid": 0.0,
+            "colorbar": {"title": {"text": "weight"}},
+        }
+    )
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False)
     return fig
@@ -175,8 +266,10 @@ def _summary(graph, nx):
         sizes = np.array([l.size for l in graph.layers])
         kinds = {i: l.kind for i, l in enumerate(graph.layers)}
         depth = {i: int(d) for i, d in enumerate(graph.layer_depth.tolist())}
-        labels = {i: (l.kind if l.kind in ("input", "output") else (l.name or l.kind)) + f" ({l.size})"
-                  for i, l in enumerate(graph.layers)}
+        labels = {
+            i: (l.kind if l.kind in ("input", "output") else (l.name or l.kind)) + f" ({l.size})"
+            for i, l in enumerate(graph.layers)
+        }
     S = nx.DiGraph()
     for i in range(len(sizes)):
         S.add_node(i, size=int(sizes[i]), kind=kinds.get(i, "layer"), depth=depth.get(i, i), label=labels[i])
@@ -185,7 +278,13 @@ def _summary(graph, nx):
     uk, starts = np.unique(key[order], return_index=True)
     for k, s, e in zip(uk, starts, list(starts[1:]) + [len(order)]):
         v = val[order[s:e]]
-        S.add_edge(int(k // (len(sizes) + 1)), int(k % (len(sizes) + 1)), count=int(len(v)), mean=float(v.mean()),
-                   mean_abs=float(np.abs(v).mean()), std=float(v.std()))
+        S.add_edge(
+            int(k // (len(sizes) + 1)),
+            int(k % (len(sizes) + 1)),
+            count=int(len(v)),
+            mean=float(v.mean()),
+            mean_abs=float(np.abs(v).mean()),
+            std=float(v.std()),
+        )
     pos = nx.multipartite_layout(S, subset_key="depth", align="vertical")
     return S, pos

@@ -12,6 +12,7 @@
 
 Models are compared by overlaying ``{model name: result}``; each model keeps its palette colour.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,14 +25,21 @@ from viz._palette import color
 
 __all__ = ["spectral_figure", "norms_figure", "path_norm_figure", "weight_histogram_figure"]
 
-_SPECTRAL = {"alpha": ("power-law alpha", False), "log_spectral_norm": ("log10 lambda_max", False),
-             "stable_rank": ("stable rank (sum lambda / lambda_max)", False),
-             "entropy": ("spectral entropy (normalised)", False), "alpha_weighted": ("alpha * log10 lambda_max", False),
-             "log_norm": ("log10 ||W||_F^2", False)}
+_SPECTRAL = {
+    "alpha": ("power-law alpha", False),
+    "log_spectral_norm": ("log10 lambda_max", False),
+    "stable_rank": ("stable rank (sum lambda / lambda_max)", False),
+    "entropy": ("spectral entropy (normalised)", False),
+    "alpha_weighted": ("alpha * log10 lambda_max", False),
+    "log_norm": ("log10 ||W||_F^2", False),
+}
 
 
-def spectral_figure(results, metrics: Sequence[str] = ("alpha", "log_spectral_norm", "stable_rank", "entropy"),
-                    title: Optional[str] = None):
+def spectral_figure(
+    results,
+    metrics: Sequence[str] = ("alpha", "log_spectral_norm", "stable_rank", "entropy"),
+    title: Optional[str] = None,
+):
     """Spectral metrics per layer (one panel per metric, layers in model order, one line per model).
 
     ``results`` is an ``analysis.SpectralMetrics`` or ``{model name: SpectralMetrics}``. Skipped layers
@@ -55,10 +63,21 @@ def spectral_figure(results, metrics: Sequence[str] = ("alpha", "log_spectral_no
         for i, key in enumerate(metrics):
             y = [float(getattr(r, key)) for r in layers]
             y = [v if math.isfinite(v) else None for v in y]
-            fig.add_trace(go.Scatter(x=names, y=y, mode="lines+markers", name=name, legendgroup=name,
-                                     showlegend=i == 0, line={"color": color(name)}, marker={"size": 7},
-                                     hovertemplate=f"{name}<br>layer %{{x}}<br>{key}=%{{y:{HOVER}}}<extra></extra>"),
-                          row=i // cols + 1, col=i % cols + 1)
+            fig.add_trace(
+                go.Scatter(
+                    x=names,
+                    y=y,
+                    mode="lines+markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=i == 0,
+                    line={"color": color(name)},
+                    marker={"size": 7},
+                    hovertemplate=f"{name}<br>layer %{{x}}<br>{key}=%{{y:{HOVER}}}<extra></extra>",
+                ),
+                row=i // cols + 1,
+                col=i % cols + 1,
+            )
     for i, key in enumerate(metrics):
         fig.update_xaxes(title_text="layer", row=i // cols + 1, col=i % cols + 1)
         fig.update_yaxes(title_text=_SPECTRAL[key][0], row=i // cols + 1, col=i % cols + 1)
@@ -73,17 +92,29 @@ def norms_figure(results, title: Optional[str] = None):
     from plotly.subplots import make_subplots
 
     items = as_named(results, "model")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["||W||_2^2 (squared spectral norm)", "||W||_F^2 (squared Frobenius norm)"])
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=["||W||_2^2 (squared spectral norm)", "||W||_F^2 (squared Frobenius norm)"]
+    )
     for name, res in items:
         rows = [dict(r) for r in res.layers]
         if not rows:
             raise VizError(f"NormMeasures of {name!r} has no per-layer rows")
         names = [str(r["name"]) for r in rows]
         for c, key in enumerate(("spectral_sq", "frobenius_sq"), start=1):
-            fig.add_trace(go.Scatter(x=names, y=[float(r[key]) for r in rows], mode="lines+markers", name=name,
-                                     legendgroup=name, showlegend=c == 1, line={"color": color(name)},
-                                     hovertemplate=f"{name}<br>layer %{{x}}<br>{key}=%{{y:{HOVER}}}<extra></extra>"),
-                          row=1, col=c)
+            fig.add_trace(
+                go.Scatter(
+                    x=names,
+                    y=[float(r[key]) for r in rows],
+                    mode="lines+markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=c == 1,
+                    line={"color": color(name)},
+                    hovertemplate=f"{name}<br>layer %{{x}}<br>{key}=%{{y:{HOVER}}}<extra></extra>",
+                ),
+                row=1,
+                col=c,
+            )
             fig.update_yaxes(type="log", title_text=key.replace("_sq", " norm squared"), row=1, col=c)
             fig.update_xaxes(title_text="layer", row=1, col=c)
     return finish(fig, title or "Weight norms per layer", height=440)
@@ -101,16 +132,27 @@ def path_norm_figure(results: Mapping[str, Any], title: Optional[str] = None):
     items = as_named(results, "model")
     by_q: Dict[float, List[tuple]] = {}
     for name, r in items:
-        for pn in (r if isinstance(r, (list, tuple)) else [r]):
+        for pn in r if isinstance(r, (list, tuple)) else [r]:
             by_q.setdefault(float(pn.q), []).append((name, float(pn.value), float(pn.log_value)))
     fig = go.Figure()
     for q, rows in sorted(by_q.items()):
-        fig.add_trace(go.Bar(x=[r[0] for r in rows], y=[r[1] for r in rows], name=f"q = {q:g}",
-                             marker={"color": [color(r[0]) for r in rows],
-                                     "pattern": {"shape": ["", "/", ".", "x"][len(fig.data) % 4]}},
-                             customdata=[[r[2]] for r in rows], text=[f"{r[1]:.4g}" for r in rows], textposition="outside",
-                             hovertemplate=(f"%{{x}}<br>L{q:g} path-norm=%{{y:{HOVER}}}<br>"
-                                            f"log=%{{customdata[0]:{HOVER}}}<extra></extra>")))
+        fig.add_trace(
+            go.Bar(
+                x=[r[0] for r in rows],
+                y=[r[1] for r in rows],
+                name=f"q = {q:g}",
+                marker={
+                    "color": [color(r[0]) for r in rows],
+                    "pattern": {"shape": ["", "/", ".", "x"][len(fig.data) % 4]},
+                },
+                customdata=[[r[2]] for r in rows],
+                text=[f"{r[1]:.4g}" for r in rows],
+                textposition="outside",
+                hovertemplate=(
+                    f"%{{x}}<br>L{q:g} path-norm=%{{y:{HOVER}}}<br>log=%{{customdata[0]:{HOVER}}}<extra></extra>"
+                ),
+            )
+        )
     finish(fig, title or "Path-norms (Gonon et al. 2024)", "model", "path-norm ||Phi(theta)||_q", height=440)
     fig.update_layout(barmode="group")
     fig.update_yaxes(type="log")
@@ -125,8 +167,15 @@ def _state(obj: Any) -> Mapping[str, Any]:
     raise VizError(f"expected a module or a state dict, got {type(obj).__name__}")
 
 
-def weight_histogram_figure(models, keys: Optional[Sequence[str]] = None, *, bins: int = 80, per_layer: bool = False,
-                            max_layers: int = 12, title: Optional[str] = None):
+def weight_histogram_figure(
+    models,
+    keys: Optional[Sequence[str]] = None,
+    *,
+    bins: int = 80,
+    per_layer: bool = False,
+    max_layers: int = 12,
+    title: Optional[str] = None,
+):
     """Histograms of weight values, one step line per model over shared bin edges.
 
     ``models`` is a module / state dict or ``{model name: module or state dict}``. ``keys`` selects
@@ -140,9 +189,9 @@ def weight_histogram_figure(models, keys: Optional[Sequence[str]] = None, *, bin
 
     items = [(n, _state(m)) for n, m in as_named(models, "model")]
     if keys is None:
-        keys = [k for k, v in items[0][1].items()
-                if hasattr(v, "dim") and v.dim() >= 2 and v.is_floating_point()] or \
-               [k for k, v in items[0][1].items() if np.asarray(floats(v)).ndim >= 2]
+        keys = [k for k, v in items[0][1].items() if hasattr(v, "dim") and v.dim() >= 2 and v.is_floating_point()] or [
+            k for k, v in items[0][1].items() if np.asarray(floats(v)).ndim >= 2
+        ]
     keys = list(keys)
     if not keys:
         raise VizError("no weight tensors to histogram; pass keys=[...] naming the tensors")
@@ -155,8 +204,12 @@ def weight_histogram_figure(models, keys: Optional[Sequence[str]] = None, *, bin
         keys = keys[:max_layers]
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[g[0] for g in groups] if per_layer else None,
-                        vertical_spacing=min(0.12, 0.6 / rows))
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[g[0] for g in groups] if per_layer else None,
+        vertical_spacing=min(0.12, 0.6 / rows),
+    )
     for gi, g in enumerate(groups):
         vals = {n: np.concatenate([floats(sd[k]).ravel() for k in g]) for n, sd in items}
         lo = min(float(np.nanmin(v)) for v in vals.values())
@@ -168,13 +221,28 @@ def weight_histogram_figure(models, keys: Optional[Sequence[str]] = None, *, bin
         for n, v in vals.items():
             cnt, _ = np.histogram(v[np.isfinite(v)], bins=edges)
             frac = cnt / max(1, cnt.sum())
-            fig.add_trace(go.Scatter(x=centres.tolist(), y=frac.tolist(), mode="lines", line={"shape": "hvh", "color": color(n)},
-                                     name=n, legendgroup=n, showlegend=gi == 0, customdata=cnt.tolist(),
-                                     hovertemplate=(f"{n}<br>weight %{{x:.4g}}<br>fraction=%{{y:{HOVER}}}"
-                                                    f"<br>count=%{{customdata}}<extra></extra>")),
-                          row=gi // cols + 1, col=gi % cols + 1)
+            fig.add_trace(
+                go.Scatter(
+                    x=centres.tolist(),
+                    y=frac.tolist(),
+                    mode="lines",
+                    line={"shape": "hvh", "color": color(n)},
+                    name=n,
+                    legendgroup=n,
+                    showlegend=gi == 0,
+                    customdata=cnt.tolist(),
+                    hovertemplate=(
+                        f"{n}<br>weight %{{x:.4g}}<br>fraction=%{{y:{HOVER}}}<br>count=%{{customdata}}<extra></extra>"
+                    ),
+                ),
+                row=gi // cols + 1,
+                col=gi % cols + 1,
+            )
         fig.update_xaxes(title_text="weight value", row=gi // cols + 1, col=gi % cols + 1)
         fig.update_yaxes(title_text="fraction of weights", row=gi // cols + 1, col=gi % cols + 1)
     n_w = sum(int(floats(items[0][1][k]).size) for k in keys)
-    return finish(fig, title or f"Weight histograms ({len(keys)} tensors, {n_w} weights per model, {bins} bins)",
-                  height=max(420, 300 * rows))
+    return finish(
+        fig,
+        title or f"Weight histograms ({len(keys)} tensors, {n_w} weights per model, {bins} bins)",
+        height=max(420, 300 * rows),
+    )

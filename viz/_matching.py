@@ -6,6 +6,7 @@ matrix. The figure shows ``C`` as a heatmap, the assignment ``j = p[i]`` as mark
 ``sum_i C[i, p[i]]`` of the assignment and, for matrices up to 1,000,000 entries, SciPy's optimum for
 comparison (``scipy.optimize.linear_sum_assignment``), so a sub-optimal assignment is visible.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -28,8 +29,15 @@ def _pick(obj: Any, group: Optional[str], what: str):
     return obj, group
 
 
-def matching_figure(costs, assignment=None, *, group: Optional[str] = None, maximize: bool = False,
-                    title: Optional[str] = None, max_side: int = 200):
+def matching_figure(
+    costs,
+    assignment=None,
+    *,
+    group: Optional[str] = None,
+    maximize: bool = False,
+    title: Optional[str] = None,
+    max_side: int = 200,
+):
     """Heatmap of a cost matrix with the assignment ``row i -> column assignment[i]`` marked.
 
     Parameters
@@ -66,9 +74,17 @@ def matching_figure(costs, assignment=None, *, group: Optional[str] = None, maxi
             raise VizError("assignment repeats a column; a matching assigns each column at most once")
     Z, kr, kc = block_mean(C, max_side)
     word = "similarity" if maximize else "cost"
-    fig = go.Figure(go.Heatmap(z=Z.tolist(), x=(np.arange(Z.shape[1]) * kc).tolist(), y=(np.arange(Z.shape[0]) * kr).tolist(),
-                               colorscale="Viridis" if maximize else "Viridis_r", colorbar={"title": {"text": word}},
-                               name=word, hovertemplate=f"row %{{y}}<br>column %{{x}}<br>{word}=%{{z:{HOVER}}}<extra></extra>"))
+    fig = go.Figure(
+        go.Heatmap(
+            z=Z.tolist(),
+            x=(np.arange(Z.shape[1]) * kc).tolist(),
+            y=(np.arange(Z.shape[0]) * kr).tolist(),
+            colorscale="Viridis" if maximize else "Viridis_r",
+            colorbar={"title": {"text": word}},
+            name=word,
+            hovertemplate=f"row %{{y}}<br>column %{{x}}<br>{word}=%{{z:{HOVER}}}<extra></extra>",
+        )
+    )
     sub = ""
     if p is not None:
         obj = float(C[np.arange(n), p].sum())
@@ -79,15 +95,31 @@ def matching_figure(costs, assignment=None, *, group: Optional[str] = None, maxi
             r, c = linear_sum_assignment(C, maximize=maximize)
             best = float(C[r, c].sum())
             sub += f" (optimum {best:.6g})"
-        fig.add_trace(go.Scatter(
-            x=((p // kc) * kc).tolist(), y=((np.arange(n) // kr) * kr).tolist(), mode="markers", name="assignment",
-            marker={"symbol": "square-open", "size": max(3, min(12, 600 // max(Z.shape))), "color": "#d62728",
-                    "line": {"width": 2}},
-            customdata=np.stack([np.arange(n), p, C[np.arange(n), p]], 1).tolist(),
-            hovertemplate=f"row %{{customdata[0]}} -> column %{{customdata[1]}}<br>{word}=%{{customdata[2]:{HOVER}}}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=((p // kc) * kc).tolist(),
+                y=((np.arange(n) // kr) * kr).tolist(),
+                mode="markers",
+                name="assignment",
+                marker={
+                    "symbol": "square-open",
+                    "size": max(3, min(12, 600 // max(Z.shape))),
+                    "color": "#d62728",
+                    "line": {"width": 2},
+                },
+                customdata=np.stack([np.arange(n), p, C[np.arange(n), p]], 1).tolist(),
+                hovertemplate=f"row %{{customdata[0]}} -> column %{{customdata[1]}}<br>{word}=%{{customdata[2]:{HOVER}}}<extra></extra>",  # noqa: E501
+            )
+        )
     head = f"Matching {word} matrix" + (f" for group {g}" if g is not None else "") + f" ({n} x {m})"
-    finish(fig, title or (head + (f": {sub}" if sub else "")), "column (model B unit)", "row (model A unit)",
-           height=560, legend_below=False)
+    finish(
+        fig,
+        title or (head + (f": {sub}" if sub else "")),
+        "column (model B unit)",
+        "row (model A unit)",
+        height=560,
+        legend_below=False,
+    )
     fig.update_yaxes(autorange="reversed", scaleanchor="x", scaleratio=1, constrain="domain")
     fig.update_xaxes(constrain="domain")
     return fig

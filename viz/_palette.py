@@ -12,6 +12,7 @@ Names are normalised before lookup: case is ignored and ``"-"``/``" "`` count as
 ``"Weight-Matching"`` and ``"weight_matching"`` are one method. Splits are told apart by line dash
 (``train`` dashed, ``test`` solid), never by colour, so a colour always means a model or a method.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,15 +22,15 @@ from typing import Dict
 __all__ = ["color", "dash", "MODEL_COLORS", "METHOD_COLORS"]
 
 MODEL_COLORS: Dict[str, str] = {
-    "a": "#1f77b4",          # blue
-    "b": "#d62728",          # red
-    "merged": "#2ca02c",     # green
-    "permuted": "#9467bd",   # purple
+    "a": "#1f77b4",  # blue
+    "b": "#d62728",  # red
+    "merged": "#2ca02c",  # green
+    "permuted": "#9467bd",  # purple
     "b_permuted": "#9467bd",
     "aligned": "#9467bd",
-    "ensemble": "#8c564b",   # brown
-    "base": "#7f7f7f",       # grey
-    "init": "#bcbd22",       # olive
+    "ensemble": "#8c564b",  # brown
+    "base": "#7f7f7f",  # grey
+    "init": "#bcbd22",  # olive
 }
 
 METHOD_COLORS: Dict[str, str] = {
@@ -56,9 +57,30 @@ METHOD_COLORS: Dict[str, str] = {
 
 # Unknown names: a fixed list (Plotly's Dark24), indexed by CRC-32 of the normalised name.
 _FALLBACK = (
-    "#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A", "#B68100", "#750D86",
-    "#EB663B", "#511CFB", "#00A08B", "#FB00D1", "#FC0080", "#B2828D", "#6C7C32", "#778AAE",
-    "#862A16", "#A777F1", "#620042", "#1616A7", "#DA60CA", "#6C4516", "#0D2A63", "#AF0038",
+    "#2E91E5",
+    "#E15F99",
+    "#1CA71C",
+    "#FB0D0D",
+    "#DA16FF",
+    "#222A2A",
+    "#B68100",
+    "#750D86",
+    "#EB663B",
+    "#511CFB",
+    "#00A08B",
+    "#FB00D1",
+    "#FC0080",
+    "#B2828D",
+    "#6C7C32",
+    "#778AAE",
+    "#862A16",
+    "#A777F1",
+    "#620042",
+    "#1616A7",
+    "#DA60CA",
+    "#6C4516",
+    "#0D2A63",
+    "#AF0038",
 )
 
 _DASH = {"train": "dash", "test": "solid", "val": "dot", "valid": "dot", "validation": "dot"}

@@ -14,6 +14,7 @@
 Figures of more than ``Report.max_points`` data points (200,000 by default) are accepted with a
 logged warning: the figure builders decimate or aggregate large inputs, see :mod:`viz._common`.
 """
+
 from __future__ import annotations
 
 import html
@@ -23,7 +24,7 @@ import os
 from collections.abc import Mapping
 from numbers import Integral, Number
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from viz._common import CONFIG, VizError, figure_points, settings_of
 
@@ -32,18 +33,21 @@ log = logging.getLogger(__name__)
 __all__ = ["Report"]
 
 
+_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
+    "img-src data: blob:; font-src data:; worker-src blob:; connect-src 'none'"
+)
 
-_CSP = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
-        "img-src data: blob:; font-src data:; worker-src blob:; connect-src 'none'")
-
-_CSS = ("body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;"
-        "color:#222;line-height:1.45}h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}"
-        "h3{margin-top:1.3em}pre{background:#f6f6f6;padding:.8em;overflow-x:auto}"
-        "table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em;display:block;overflow-x:auto;max-width:100%}"
-        "th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;white-space:nowrap}"
-        "td.num{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
-        "caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}"
-        "nav ol{columns:2;font-size:.95em}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}")
+_CSS = (
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;"
+    "color:#222;line-height:1.45}h1{margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}"  # noqa: E501
+    "h3{margin-top:1.3em}pre{background:#f6f6f6;padding:.8em;overflow-x:auto}"
+    "table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em;display:block;overflow-x:auto;max-width:100%}"
+    "th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;white-space:nowrap}"
+    "td.num{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
+    "caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}"
+    "nav ol{columns:2;font-size:.95em}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}"
+)
 
 
 def _fmt(v: Any) -> Tuple[str, Optional[str], bool]:
@@ -70,8 +74,10 @@ def _rows_of(data: Any, columns: Optional[Sequence[str]]) -> Tuple[List[str], Li
     """Normalise a table: list of dicts, dict of columns, or list of rows with ``columns``."""
     if isinstance(data, Mapping):
         cols = list(data)
-        lens = {len(v) if isinstance(v, (list, tuple)) or hasattr(v, "__len__") and not isinstance(v, str) else None
-                for v in data.values()}
+        lens = {
+            len(v) if isinstance(v, (list, tuple)) or hasattr(v, "__len__") and not isinstance(v, str) else None
+            for v in data.values()
+        }
         if None in lens:  # a flat {name: value} mapping: two columns
             return ["name", "value"], [[k, v] for k, v in data.items()]
         n = lens.pop() if len(lens) == 1 else None
@@ -127,8 +133,12 @@ class Report:
             raise TypeError(f"Report.add takes a plotly Figure, not {type(fig).__name__}")
         n = figure_points(fig)
         if n > self.max_points:
-            log.warning("figure %r ships %d data points (> %d): the page may be slow; decimate or aggregate first",
-                        title or fig.layout.title.text, n, self.max_points)
+            log.warning(
+                "figure %r ships %d data points (> %d): the page may be slow; decimate or aggregate first",
+                title or fig.layout.title.text,
+                n,
+                self.max_points,
+            )
         self._items.append(("figure", (fig, caption), title))
         return self
 
@@ -139,8 +149,14 @@ class Report:
         self._items.append(("text", str(text), title))
         return self
 
-    def add_table(self, data: Any, title: Optional[str] = None, *, columns: Optional[Sequence[str]] = None,
-                  caption: Optional[str] = None) -> "Report":
+    def add_table(
+        self,
+        data: Any,
+        title: Optional[str] = None,
+        *,
+        columns: Optional[Sequence[str]] = None,
+        caption: Optional[str] = None,
+    ) -> "Report":
         """Append a table of numbers: a list of dict rows, a dict of columns, a flat ``{name: value}``
         dict, or a list of rows with ``columns``. Floats show 6 significant digits, exact on hover."""
         cols, rows = _rows_of(data, columns)
@@ -197,17 +213,26 @@ class Report:
             items += [("section", "Provenance", None), ("table", (*_rows_of(versions(), None), None), "Versions")]
         sections = [t for kind, t, _ in items if kind == "section"]
         parts = [
-            "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
             f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             '<meta name="generator" content="weightspace viz">',
-            f"<title>{html.escape(self.title)}</title>", f"<style>{_CSS}</style>",
+            f"<title>{html.escape(self.title)}</title>",
+            f"<style>{_CSS}</style>",
             f'<script type="text/javascript">{get_plotlyjs()}</script>',
-            "</head>", "<body>", f"<h1>{html.escape(self.title)}</h1>",
+            "</head>",
+            "<body>",
+            f"<h1>{html.escape(self.title)}</h1>",
         ]
         if len(sections) > 1:
-            parts.append("<nav><ol>" + "".join(f'<li><a href="#section-{i}">{html.escape(t)}</a></li>'
-                                               for i, t in enumerate(sections)) + "</ol></nav>")
+            parts.append(
+                "<nav><ol>"
+                + "".join(f'<li><a href="#section-{i}">{html.escape(t)}</a></li>' for i, t in enumerate(sections))
+                + "</ol></nav>"
+            )
         n = s = 0
         open_section = False
         for kind, obj, title in items:
@@ -228,8 +253,12 @@ class Report:
             else:
                 fig, caption = obj
                 div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{n}", config=CONFIG)
-                parts.append("<figure>" + div + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "")
-                             + "</figure>")
+                parts.append(
+                    "<figure>"
+                    + div
+                    + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "")
+                    + "</figure>"
+                )
                 n += 1
         if open_section:
             parts.append("</section>")

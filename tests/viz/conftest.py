@@ -1,4 +1,5 @@
 """Real result objects for the viz tests: analysis functions run on two tiny digits MLPs (a few seconds)."""
+
 import numpy as np
 import pytest
 import torch
@@ -47,14 +48,19 @@ def results(models, digits):
     x = train[0][:2]
     perm = ws.permute(A, ws.permutation_spec(A, x), ws.random_permutation(ws.permutation_spec(A, x), seed=3))
     r = {
-        "curves": {"naive": analysis.interpolate(A, B, data, alphas=9),
-                   "permuted": analysis.interpolate(A, perm, data, alphas=9)},
+        "curves": {
+            "naive": analysis.interpolate(A, B, data, alphas=9),
+            "permuted": analysis.interpolate(A, perm, data, alphas=9),
+        },
         "layerwise": analysis.layerwise_barriers(A, B, test),
         "landscape": analysis.landscape(A, test, grid=9, span=(-0.5, 0.5), trajectory=models["trajectory"]),
         "landscape1d": analysis.landscape(A, test, grid=9, dims=1),
         "plane": analysis.plane(A, perm, B, test, grid=7),
-        "pathnorm": {"A": analysis.path_norm(A, x, q=1), "B": analysis.path_norm(B, x, q=1),
-                     "permuted": analysis.path_norm(perm, x, q=1)},
+        "pathnorm": {
+            "A": analysis.path_norm(A, x, q=1),
+            "B": analysis.path_norm(B, x, q=1),
+            "permuted": analysis.path_norm(perm, x, q=1),
+        },
         "spectral": {"A": analysis.spectral_metrics(A, min_size=8), "B": analysis.spectral_metrics(B, min_size=8)},
         "norms": {"A": analysis.norm_measures(A, test), "B": analysis.norm_measures(B, test)},
         "collapse": models["collapse"],

@@ -5,6 +5,7 @@ console errors, every request is ``file:``/``data:``/``blob:`` (offline), no "Sh
 Negative controls: the same page without plotly.js draws nothing and errors; a CDN page requests
 the network; plotly's default config shows the cloud button our config removes.
 """
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest

@@ -1,5 +1,6 @@
 """Figure builders on real analysis results: the plotted numbers are the results' numbers, barriers sit
 where the curves put them, colours follow the palette, and large inputs are reduced."""
+
 import os
 import subprocess
 import sys
@@ -36,8 +37,12 @@ def test_palette_is_stable_across_figures_and_processes(results):
     # an unknown name hashes to the same colour in processes with different hash seeds
     code = "import viz; print(viz.color('my_new_method'))"
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    got = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**env, "PYTHONHASHSEED": s}).stdout.strip() for s in ("1", "2")}
+    got = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**env, "PYTHONHASHSEED": s}
+        ).stdout.strip()
+        for s in ("1", "2")
+    }
     assert got == {viz.color("my_new_method")}
 
 
@@ -202,7 +207,7 @@ def test_infoplane_figure_plots_each_layer_trajectory(results):
     layers = [t for t in fig.data if t.name.startswith("layer ")]
     assert len(layers) == len(tr.trajectories)
     for t in layers:
-        traj = tr.trajectories[t.name[len("layer "):]]
+        traj = tr.trajectories[t.name[len("layer ") :]]
         assert list(t.x) == traj["i_xt"] and list(t.y) == traj["i_ty"]
         assert list(t.marker.color) == [float(e) for e in traj["epoch"]]  # coloured by epoch
     assert "bits" in fig.layout.xaxis.title.text
@@ -299,9 +304,13 @@ def test_neural_graph_unit_level_and_per_layer_summary(results):
     values = np.array([d["value"] for _, _, d in G.edges(data=True)])
     eps = 5e-3 * np.abs(values).max()  # bin bounds are printed to 3 digits
     for t in edge_traces:  # each colour bin holds exactly the weights its name says
-        lo, hi = (float(s) for s in t.name[len("weights in ["):-1].split(", "))
+        lo, hi = (float(s) for s in t.name[len("weights in [") : -1].split(", "))
         n = sum(1 for v in t.x if v is None)
-        assert ((values > lo + eps) & (values < hi - eps)).sum() <= n <= ((values >= lo - eps) & (values <= hi + eps)).sum()
+        assert (
+            ((values > lo + eps) & (values < hi - eps)).sum()
+            <= n
+            <= ((values >= lo - eps) & (values <= hi + eps)).sum()
+        )
     mids = [t for t in fig.data if t.name == "edge weights"][0]
     vals = {(int(u), int(v)): w for u, v, w, _ in mids.customdata}
     assert len(vals) == G.number_of_edges()

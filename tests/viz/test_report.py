@@ -1,4 +1,5 @@
 """Reports without a browser: structure, offline-ness, determinism, tables, provenance and safe writing."""
+
 import json
 import re
 
@@ -10,8 +11,12 @@ from weightspace.results import WeightspaceError, versions
 
 
 def _figures(res):
-    return [viz.interpolation_figure(res["curves"]), viz.landscape_figure(res["landscape"]),
-            viz.landscape_figure(res["landscape"], style="surface"), viz.layerwise_barrier_figure(res["layerwise"])]
+    return [
+        viz.interpolation_figure(res["curves"]),
+        viz.landscape_figure(res["landscape"]),
+        viz.landscape_figure(res["landscape"], style="surface"),
+        viz.layerwise_barrier_figure(res["layerwise"]),
+    ]
 
 
 def _report(res, title="t"):
@@ -73,7 +78,7 @@ def test_tables_show_exact_values_and_key_numbers(results):
     curves = results["curves"]
     r = viz.Report("x").add_table(viz.barrier_rows(curves), title="Barriers")
     page = r.to_html()
-    for name, c in curves.items():
+    for c in curves.values():
         for sp in c.values:
             for kind in ("chord", "mean_endpoint", "midpoint"):
                 b = c.barrier("loss", split=sp, kind=kind)
@@ -93,7 +98,7 @@ def test_tables_show_exact_values_and_key_numbers(results):
 def test_provenance_lists_settings_seeds_and_versions(results):
     land = results["landscape"]
     page = _report(results)[0].to_html()
-    prov = page[page.index('<h2>Provenance</h2>'):]
+    prov = page[page.index("<h2>Provenance</h2>") :]
     assert "landscape (Landscape)" in prov and "<td>seed</td>" in prov
     assert f"<td>directions</td><td>{land.settings['directions']}</td>" in prov
     for k, v in versions().items():
@@ -153,13 +158,26 @@ def test_large_figure_is_flagged(caplog):
 
 def test_analysis_report_covers_every_result(results, tmp_path):
     res = results
-    rep = viz.analysis_report({
-        "Interpolation": res["curves"], "Layer-wise": res["layerwise"], "Landscape": res["landscape"],
-        "Plane": res["plane"], "Path-norm": res["pathnorm"], "Spectra": res["spectral"], "Norms": res["norms"],
-        "Collapse": res["collapse"], "NC": res["nc"], "Information plane": res["infoplane"],
-        "Network": res["network"], "Graph": res["graph"], "Hessian": res["hessian"],
-        "Processor": {"train_loss": [1.0, 0.5, 0.25], "val_tau": [0.1, 0.4, 0.6]},
-    }, "A vs B", provenance={"command": "weightspace analyze"})
+    rep = viz.analysis_report(
+        {
+            "Interpolation": res["curves"],
+            "Layer-wise": res["layerwise"],
+            "Landscape": res["landscape"],
+            "Plane": res["plane"],
+            "Path-norm": res["pathnorm"],
+            "Spectra": res["spectral"],
+            "Norms": res["norms"],
+            "Collapse": res["collapse"],
+            "NC": res["nc"],
+            "Information plane": res["infoplane"],
+            "Network": res["network"],
+            "Graph": res["graph"],
+            "Hessian": res["hessian"],
+            "Processor": {"train_loss": [1.0, 0.5, 0.25], "val_tau": [0.1, 0.4, 0.6]},
+        },
+        "A vs B",
+        provenance={"command": "weightspace analyze"},
+    )
     # 1 interpolation + 2 layer-wise (loss, accuracy) + 2 + 2 landscapes + path-norm + spectra + norms + collapse
     # + information plane + graph + processor
     assert rep.num_figures == 1 + 2 + 2 + 2 + 1 + 1 + 1 + 1 + 1 + 1 + 1

@@ -8,6 +8,7 @@
   quantiles, then an MLP. Invariant to every permutation *within* a tensor (a much larger group than
   the spec's), so it cannot see how tensors are wired together.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -41,13 +42,28 @@ class FlatMLP(nn.Module):
 
     family = "FlatMLP"
 
-    def __init__(self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: Optional[int] = 1, *,
-                 in_channels: int = 1, out_channels: int = 1, keys: Optional[Sequence[str]] = None,
-                 hidden_features: Optional[int] = None, activation: Union[str, nn.Module] = "relu",
-                 input_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        hidden_channels: int = 16,
+        num_layers: int = 3,
+        out_features: Optional[int] = 1,
+        *,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        keys: Optional[Sequence[str]] = None,
+        hidden_features: Optional[int] = None,
+        activation: Union[str, nn.Module] = "relu",
+        input_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         spec, keys = resolve_space(spec, keys)
-        self.keys, self.out_features, self.in_channels, self.out_channels = tuple(keys), out_features, in_channels, out_channels
+        self.keys, self.out_features, self.in_channels, self.out_channels = (
+            tuple(keys),
+            out_features,
+            in_channels,
+            out_channels,
+        )
         self.shapes = [tuple(spec.shapes[k]) for k in keys]
         self.numel = sum(int(torch.Size(s).numel()) for s in self.shapes)
         width = hidden_features or 16 * hidden_channels
@@ -64,7 +80,7 @@ class FlatMLP(nn.Module):
         B, out, off = y.shape[0], {}, 0
         for k, s in zip(self.keys, self.shapes):
             n = int(torch.Size(s).numel()) * self.out_channels
-            out[k] = y[:, off:off + n].reshape(B, *s, self.out_channels)
+            out[k] = y[:, off : off + n].reshape(B, *s, self.out_channels)
             off += n
         return batch.with_tensors(out)
 
@@ -82,8 +98,8 @@ class StatFeatures(nn.Module):
         feats = []
         for k in self.keys:
             t = batch.tensors[k]
-            x = t.reshape(t.shape[0], -1, t.shape[-1])                     # (B, n, C)
-            q = torch.quantile(x, torch.tensor(self.QUANTILES, dtype=x.dtype, device=x.device), dim=1)   # (5, B, C)
+            x = t.reshape(t.shape[0], -1, t.shape[-1])  # (B, n, C)
+            q = torch.quantile(x, torch.tensor(self.QUANTILES, dtype=x.dtype, device=x.device), dim=1)  # (5, B, C)
             var = x.var(dim=1, unbiased=False) if x.shape[1] > 1 else torch.zeros_like(x[:, 0])
             feats += [x.mean(dim=1), var] + list(q.unbind(0))
         return torch.cat(feats, dim=-1)
@@ -98,12 +114,24 @@ class StatNN(nn.Module):
 
     family = "StatNN"
 
-    def __init__(self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: int = 1, *,
-                 in_channels: int = 1, keys: Optional[Sequence[str]] = None, hidden_features: Optional[int] = None,
-                 activation: Union[str, nn.Module] = "relu", feature_norm: bool = True) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        hidden_channels: int = 16,
+        num_layers: int = 3,
+        out_features: int = 1,
+        *,
+        in_channels: int = 1,
+        keys: Optional[Sequence[str]] = None,
+        hidden_features: Optional[int] = None,
+        activation: Union[str, nn.Module] = "relu",
+        feature_norm: bool = True,
+    ) -> None:
         super().__init__()
         if out_features is None:
-            raise ValueError("StatNN is an invariant model; it needs an integer out_features (use UNF/NFN for equivariant outputs)")
+            raise ValueError(
+                "StatNN is an invariant model; it needs an integer out_features (use UNF/NFN for equivariant outputs)"
+            )
         spec, keys = resolve_space(spec, keys)
         self.keys, self.in_channels = tuple(keys), in_channels
         self.features = StatFeatures(keys)

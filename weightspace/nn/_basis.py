@@ -46,6 +46,7 @@ equivariant to the true symmetry as well. ``fixed_axes="io"`` promotes only the 
 (axis 0 or 1 of a ``weight``/``bias``: the network's inputs and outputs) and keeps kernel positions
 and flatten factors dense: the NP group of NFN for CNNs, which folds kernels into channels.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -59,7 +60,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from weightspace.results import WeightspaceError
-from weightspace.symmetry import Axis, PermutationSpec
+from weightspace.symmetry import PermutationSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def set_partitions(items: Sequence[int]) -> Iterator[List[List[int]]]:
     for p in set_partitions(rest):
         yield [[first]] + p
         for i in range(len(p)):
-            yield p[:i] + [[first] + p[i]] + p[i + 1:]
+            yield p[:i] + [[first] + p[i]] + p[i + 1 :]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,7 +146,8 @@ def _flatten_layout(lay, size: int, where: str) -> List[Tuple[int, int, List[Tup
             if len(opts) != 1:
                 raise UnsupportedSpecError(
                     f"{where} is a product axis with a concatenated factor ({lay}); the equivariant layers support "
-                    "products of groups and fixed sizes and concatenations of those, not concatenations inside products")
+                    "products of groups and fixed sizes and concatenations of those, not concatenations inside products"
+                )
             subs += opts[0][2]
         return [(0, size, subs)]
     out, off = [], 0
@@ -178,11 +180,18 @@ class SpaceLayout:
             if shape is None:
                 shape = tuple(l.size if l is not None else -1 for l in layouts)
                 if -1 in shape:
-                    raise UnsupportedSpecError(f"the spec has no shape for {key!r}; build it with shapes (from_axes_to_perm does)")
+                    raise UnsupportedSpecError(
+                        f"the spec has no shape for {key!r}; build it with shapes (from_axes_to_perm does)"
+                    )
             per_axis = [_flatten_layout(l, shape[ax], f"{key!r} axis {ax}") for ax, l in enumerate(layouts)]
 
-            def nsub_ok(ax: int, subs) -> bool:      # "io": a whole neuron axis (0 or 1) of a weight or bias
-                return ax <= 1 and len(subs) == 1 and len(per_axis[ax]) == 1 and key.rpartition(".")[2] in ("weight", "bias")
+            def nsub_ok(ax: int, subs, per_axis=per_axis, key=key) -> bool:  # "io": a neuron axis of a weight/bias
+                return (
+                    ax <= 1
+                    and len(subs) == 1
+                    and len(per_axis[ax]) == 1
+                    and key.rpartition(".")[2] in ("weight", "bias")
+                )
 
             self.key_pieces[key] = []
             for combo in itertools.product(*per_axis) if per_axis else [()]:
@@ -209,7 +218,7 @@ class SpaceLayout:
     def _promoted_name(key: str, ax: int, j: int, nsub: int, ndim: int) -> str:
         mod, _, leaf = key.rpartition(".")
         if ax == 0 and nsub == 1 and leaf in ("weight", "bias") and mod:
-            return f"{mod}:out"           # a module's output units: rows of its weight and its bias
+            return f"{mod}:out"  # a module's output units: rows of its weight and its bias
         return f"{key}:{ax}" + (f".{j}" if nsub > 1 else "")
 
     # -- tensors <-> pieces ------------------------------------------------------------------------
@@ -275,10 +284,10 @@ _LETTERS = string.ascii_lowercase
 @dataclass(frozen=True)
 class InTerm:
     piece: int
-    equation: str      # einsum: piece (B, slots..., D) -> (B, signature..., D)
-    divisor: float     # product of the sizes of averaged-out blocks
-    sum_dims: Optional[Tuple[int, ...]] = None   # fast path (no diagonal): slot axes to sum ...
-    perm: Tuple[int, ...] = ()                    # ... then this order of the remaining axes
+    equation: str  # einsum: piece (B, slots..., D) -> (B, signature..., D)
+    divisor: float  # product of the sizes of averaged-out blocks
+    sum_dims: Optional[Tuple[int, ...]] = None  # fast path (no diagonal): slot axes to sum ...
+    perm: Tuple[int, ...] = ()  # ... then this order of the remaining axes
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The input side of the term on a flattened piece ``(B, n..., D)`` -> ``(B, n_sig..., D)``."""
@@ -294,9 +303,9 @@ class InTerm:
 @dataclass(frozen=True)
 class OutTerm:
     piece: int
-    equation: str                          # einsum: chunk (B, signature..., D), deltas... -> (B, slots..., D)
-    deltas: Tuple[Tuple[int, int], ...]    # (size, order) of each delta / ones operand
-    carried: Optional[Tuple[int, ...]] = None   # fast path (no diagonal): the slot each signature axis lands on
+    equation: str  # einsum: chunk (B, signature..., D), deltas... -> (B, slots..., D)
+    deltas: Tuple[Tuple[int, int], ...]  # (size, order) of each delta / ones operand
+    carried: Optional[Tuple[int, ...]] = None  # fast path (no diagonal): the slot each signature axis lands on
 
 
 class BasisPlan:
@@ -311,7 +320,9 @@ class BasisPlan:
             slots = p.slots
             k = len(slots)
             if k > 20:
-                raise UnsupportedSpecError(f"{p.label}: {k} permuted axes in one tensor; the basis enumeration supports at most 20")
+                raise UnsupportedSpecError(
+                    f"{p.label}: {k} permuted axes in one tensor; the basis enumeration supports at most 20"
+                )
             for blocks in _partitions_by_group(slots):
                 for mask in range(1 << len(blocks)):
                     kept = [bi for bi in range(len(blocks)) if mask >> bi & 1]
@@ -333,13 +344,17 @@ class BasisPlan:
                     # output side: every matching of the signature positions onto the kept blocks
                     for assign in self._assignments(sig, [blocks[bi] for bi in kept], slots):
                         out_terms.setdefault(sig, []).append(self._out_term(pi, k, blocks, assign, slots, sizes))
-        self.signatures = sorted(set(in_terms) & set(out_terms) | ({()} if bias and () in out_terms else set()),
-                                 key=lambda s: (len(s), [order[g] for g in s]))
+        self.signatures = sorted(
+            set(in_terms) & set(out_terms) | ({()} if bias and () in out_terms else set()),
+            key=lambda s: (len(s), [order[g] for g in s]),
+        )
         self.in_terms = {s: in_terms.get(s, []) for s in self.signatures}
         self.out_terms = {s: out_terms[s] for s in self.signatures}
 
     @staticmethod
-    def _assignments(sig: Tuple[str, ...], kept_blocks: List[Tuple[int, ...]], slots) -> Iterator[Tuple[Tuple[int, ...], ...]]:
+    def _assignments(
+        sig: Tuple[str, ...], kept_blocks: List[Tuple[int, ...]], slots
+    ) -> Iterator[Tuple[Tuple[int, ...], ...]]:
         """Yield, for each group-respecting bijection, the block assigned to each signature position."""
         by_group: Dict[str, List[int]] = {}
         for j, g in enumerate(sig):
@@ -355,13 +370,13 @@ class BasisPlan:
 
     @staticmethod
     def _out_term(pi: int, k: int, blocks, assign, slots, sizes) -> OutTerm:
-        chunk = "".join(_LETTERS[b[0]] for b in assign)            # each signature axis -> first slot of its block
+        chunk = "".join(_LETTERS[b[0]] for b in assign)  # each signature axis -> first slot of its block
         operands, deltas = [], []
         carried = {b for b in assign}
         for b in blocks:
             if b in carried and len(b) == 1:
                 continue
-            operands.append("".join(_LETTERS[s] for s in b))      # delta over the block's slots (ones if 1 slot)
+            operands.append("".join(_LETTERS[s] for s in b))  # delta over the block's slots (ones if 1 slot)
             deltas.append((sizes[slots[b[0]]], len(b)))
         out = "".join(_LETTERS[s] for s in range(k))
         eq = ",".join([f"Y{chunk}Z"] + operands) + f"->Y{out}Z"

@@ -10,6 +10,7 @@ back unchanged by :meth:`WeightSpaceBatch.to_state_dicts`, so ``from_state_dicts
 The permutation group of the spec acts on a batch through :meth:`WeightSpaceBatch.permute`, one
 permutation per network if wanted; equivariant processors commute with it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,9 +73,15 @@ class WeightSpaceBatch:
     with the same structure (``with_tensors``).
     """
 
-    def __init__(self, spec: PermutationSpec, tensors: Mapping[str, torch.Tensor], *,
-                 aside: Optional[Sequence[Mapping[str, Any]]] = None, dtypes: Optional[Mapping[str, torch.dtype]] = None,
-                 order: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        aside: Optional[Sequence[Mapping[str, Any]]] = None,
+        dtypes: Optional[Mapping[str, torch.dtype]] = None,
+        order: Optional[Sequence[str]] = None,
+    ) -> None:
         if not isinstance(spec, PermutationSpec):
             raise BatchError(f"spec must be a weightspace.PermutationSpec, not {type(spec).__name__}")
         if not tensors:
@@ -98,9 +105,16 @@ class WeightSpaceBatch:
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def from_state_dicts(cls, state_dicts: Sequence[Mapping[str, torch.Tensor]], spec: PermutationSpec, *,
-                         keys: Optional[Sequence[str]] = None, buffers: bool = False,
-                         dtype: Optional[torch.dtype] = None, device: Any = None) -> "WeightSpaceBatch":
+    def from_state_dicts(
+        cls,
+        state_dicts: Sequence[Mapping[str, torch.Tensor]],
+        spec: PermutationSpec,
+        *,
+        keys: Optional[Sequence[str]] = None,
+        buffers: bool = False,
+        dtype: Optional[torch.dtype] = None,
+        device: Any = None,
+    ) -> "WeightSpaceBatch":
         """Stack ``state_dicts`` (one architecture) into a batch with one channel.
 
         Parameters
@@ -131,13 +145,19 @@ class WeightSpaceBatch:
         ref_keys = list(ref)
         unknown = [k for k in ref_keys if k not in spec.axes and torch.is_tensor(ref[k])]
         if keys is None:
-            wanted = [k for k in default_keys(spec, buffers) if k in ref or k not in spec.info.get("non_persistent", ())]
+            wanted = [
+                k for k in default_keys(spec, buffers) if k in ref or k not in spec.info.get("non_persistent", ())
+            ]
             missing = [k for k in wanted if k not in ref]
             if missing:
-                raise BatchError(f"the state dicts lack keys the spec describes: {missing[:5]}; was the spec made for another architecture?")
+                raise BatchError(
+                    f"the state dicts lack keys the spec describes: {missing[:5]}; was the spec made for another architecture?"  # noqa: E501
+                )
             keys = [k for k in ref_keys if k in set(wanted) and torch.is_tensor(ref[k]) and ref[k].is_floating_point()]
             if unknown:
-                raise BatchError(f"the spec does not describe the state-dict keys {unknown[:5]}; was it made for another architecture?")
+                raise BatchError(
+                    f"the spec does not describe the state-dict keys {unknown[:5]}; was it made for another architecture?"  # noqa: E501
+                )
         else:
             keys = list(keys)
             bad = [k for k in keys if k not in spec.axes]
@@ -155,18 +175,26 @@ class WeightSpaceBatch:
         for k in keys:
             want = tuple(spec.shapes.get(k, ref[k].shape))
             if tuple(ref[k].shape) != want:
-                raise BatchError(f"weights do not match the spec: {k!r} has shape {tuple(ref[k].shape)} in network 0 "
-                                 f"but the spec says {want}")
-        mixed = ("mixed architectures in one dense batch; a WeightSpaceBatch holds one architecture. "
-                 "For networks of different architectures use the graph processors "
-                 "(ws.NeuralGraph.batch(graphs) with weightspace.nn.GraphProcessor)")
+                raise BatchError(
+                    f"weights do not match the spec: {k!r} has shape {tuple(ref[k].shape)} in network 0 "
+                    f"but the spec says {want}"
+                )
+        mixed = (
+            "mixed architectures in one dense batch; a WeightSpaceBatch holds one architecture. "
+            "For networks of different architectures use the graph processors "
+            "(ws.NeuralGraph.batch(graphs) with weightspace.nn.GraphProcessor)"
+        )
         for i, sd in enumerate(sds[1:], 1):
             if list(sd) != ref_keys:
                 diff = sorted(set(sd) ^ set(ref_keys))[:5]
-                raise BatchError(f"{mixed}: network {i} has different keys than network 0 (e.g. {diff or 'a different order'})")
+                raise BatchError(
+                    f"{mixed}: network {i} has different keys than network 0 (e.g. {diff or 'a different order'})"
+                )
             for k in ref_keys:
                 a, b = ref[k], sd[k]
-                if torch.is_tensor(a) != torch.is_tensor(b) or (torch.is_tensor(a) and (a.shape != b.shape or a.dtype != b.dtype)):
+                if torch.is_tensor(a) != torch.is_tensor(b) or (
+                    torch.is_tensor(a) and (a.shape != b.shape or a.dtype != b.dtype)
+                ):
                     sa = (tuple(a.shape), a.dtype) if torch.is_tensor(a) else type(a).__name__
                     sb = (tuple(b.shape), b.dtype) if torch.is_tensor(b) else type(b).__name__
                     raise BatchError(f"{mixed}: {k!r} is {sb} in network {i} but {sa} in network 0")
@@ -180,9 +208,11 @@ class WeightSpaceBatch:
             device = ref[keys[0]].device
         elif isinstance(device, str) and device == "auto":
             from weightspace.utils import resolve_device
+
             device = resolve_device("auto")
-        tensors = OrderedDict((k, torch.stack([sd[k].detach().to(device=device, dtype=dtype) for sd in sds]).unsqueeze(-1))
-                              for k in keys)
+        tensors = OrderedDict(
+            (k, torch.stack([sd[k].detach().to(device=device, dtype=dtype) for sd in sds]).unsqueeze(-1)) for k in keys
+        )
         kset = set(keys)
         aside = [OrderedDict((k, v) for k, v in sd.items() if k not in kset) for sd in sds]
         return cls(spec, tensors, aside=aside, dtypes=dtypes, order=ref_keys)
@@ -193,7 +223,9 @@ class WeightSpaceBatch:
         models = list(models)
         if not models:
             raise BatchError("empty batch: from_models needs at least one model")
-        return cls.from_state_dicts([{k: v.detach() for k, v in m.state_dict().items()} for m in models], spec, **kwargs)
+        return cls.from_state_dicts(
+            [{k: v.detach() for k, v in m.state_dict().items()} for m in models], spec, **kwargs
+        )
 
     # -- back to state dicts ------------------------------------------------------------------------
     def to_state_dicts(self, channel: Optional[int] = None) -> List[Dict[str, Any]]:
@@ -204,7 +236,9 @@ class WeightSpaceBatch:
         C = self.num_channels
         if channel is None:
             if C != 1:
-                raise BatchError(f"this batch has {C} channels; pass channel= (0..{C - 1}) to choose the one that holds the weights")
+                raise BatchError(
+                    f"this batch has {C} channels; pass channel= (0..{C - 1}) to choose the one that holds the weights"
+                )
             channel = 0
         if not -C <= channel < C:
             raise BatchError(f"channel {channel} out of range for a batch with {C} channels")
@@ -213,7 +247,9 @@ class WeightSpaceBatch:
             sd: Dict[str, Any] = OrderedDict()
             for k in self.order:
                 if k in self.tensors:
-                    sd[k] = self.tensors[k][i, ..., channel].detach().to(self.dtypes.get(k, self.tensors[k].dtype)).clone()
+                    sd[k] = (
+                        self.tensors[k][i, ..., channel].detach().to(self.dtypes.get(k, self.tensors[k].dtype)).clone()
+                    )
                 elif self.aside is not None and k in self.aside[i]:
                     v = self.aside[i][k]
                     sd[k] = v.clone() if torch.is_tensor(v) else v
@@ -245,16 +281,25 @@ class WeightSpaceBatch:
 
     def __repr__(self) -> str:
         n = sum(t[0, ..., 0].numel() for t in self.tensors.values())
-        return (f"WeightSpaceBatch({self.batch_size} networks x {n} weights x {self.num_channels} channels, "
-                f"{len(self.keys)} tensors, {self.dtype}, {self.device})")
+        return (
+            f"WeightSpaceBatch({self.batch_size} networks x {n} weights x {self.num_channels} channels, "
+            f"{len(self.keys)} tensors, {self.dtype}, {self.device})"
+        )
 
     # -- functional helpers --------------------------------------------------------------------------
     def with_tensors(self, tensors: Mapping[str, torch.Tensor]) -> "WeightSpaceBatch":
         """A batch of the same structure (spec, aside entries, dtypes, order) holding ``tensors``."""
         if set(tensors) != set(self.keys):
-            raise BatchError(f"with_tensors needs exactly the keys of this batch; differing: {sorted(set(tensors) ^ set(self.keys))[:5]}")
-        return WeightSpaceBatch(self.spec, OrderedDict((k, tensors[k]) for k in self.keys), aside=self.aside,
-                                dtypes=self.dtypes, order=self.order)
+            raise BatchError(
+                f"with_tensors needs exactly the keys of this batch; differing: {sorted(set(tensors) ^ set(self.keys))[:5]}"  # noqa: E501
+            )
+        return WeightSpaceBatch(
+            self.spec,
+            OrderedDict((k, tensors[k]) for k in self.keys),
+            aside=self.aside,
+            dtypes=self.dtypes,
+            order=self.order,
+        )
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "WeightSpaceBatch":
         """Apply ``fn`` to every tensor (it must keep the (B, *shape, .) layout; channels may change)."""
@@ -282,7 +327,11 @@ class WeightSpaceBatch:
         """The networks at ``index`` (an int, slice, list or LongTensor) as a new batch."""
         if isinstance(index, int):
             index = [index]
-        idx = torch.arange(self.batch_size)[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
+        idx = (
+            torch.arange(self.batch_size)[index]
+            if isinstance(index, slice)
+            else torch.as_tensor(index, dtype=torch.long)
+        )
         aside = None if self.aside is None else [self.aside[int(i)] for i in idx]
         tensors = {k: t.index_select(0, idx.to(t.device)) for k, t in self.tensors.items()}
         return WeightSpaceBatch(self.spec, tensors, aside=aside, dtypes=self.dtypes, order=self.order)
@@ -296,8 +345,10 @@ class WeightSpaceBatch:
         first = batches[0]
         for i, b in enumerate(batches[1:], 1):
             if b.keys != first.keys or any(b.tensors[k].shape[1:] != first.tensors[k].shape[1:] for k in first.keys):
-                raise BatchError(f"batch {i} has a different structure (keys, shapes or channels) than batch 0; "
-                                 "for mixed architectures use the graph processors")
+                raise BatchError(
+                    f"batch {i} has a different structure (keys, shapes or channels) than batch 0; "
+                    "for mixed architectures use the graph processors"
+                )
         aside = None if any(b.aside is None for b in batches) else [a for b in batches for a in b.aside]
         tensors = {k: torch.cat([b.tensors[k] for b in batches]) for k in first.keys}
         return WeightSpaceBatch(first.spec, tensors, aside=aside, dtypes=first.dtypes, order=first.order)
@@ -316,7 +367,9 @@ class WeightSpaceBatch:
         per_net = not isinstance(perms, Mapping)
         plist = list(perms) if per_net else [perms]
         if per_net and len(plist) != B:
-            raise BatchError(f"{len(plist)} permutations for a batch of {B} networks; give one per network or one dict for all")
+            raise BatchError(
+                f"{len(plist)} permutations for a batch of {B} networks; give one per network or one dict for all"
+            )
         for p in plist:
             missing = [g for g in self.spec.groups if g not in p]
             if missing:
@@ -328,18 +381,22 @@ class WeightSpaceBatch:
                 if lay is None or not any(True for _ in lay.groups()):
                     continue
                 if per_net:
-                    idx = torch.stack([lay.index(p, device=dev) for p in plist])          # (B, n)
+                    idx = torch.stack([lay.index(p, device=dev) for p in plist])  # (B, n)
                     shape = [B] + [1] * (t.dim() - 1)
                     shape[ax + 1] = idx.shape[1]
-                    idx = idx.reshape(shape).expand(*t.shape[: ax + 1], idx.shape[1], *t.shape[ax + 2:])
+                    idx = idx.reshape(shape).expand(*t.shape[: ax + 1], idx.shape[1], *t.shape[ax + 2 :])
                     t = torch.gather(t, ax + 1, idx)
                 else:
                     t = t.index_select(ax + 1, lay.index(plist[0], device=dev))
             out[k] = t
         aside = self.aside
         if aside is not None:  # running statistics and other kept-aside entries move with their units
-            aside = [OrderedDict((k, _permute_entry(v, self.spec.axes.get(k), plist[i if per_net else 0]))
-                                 for k, v in a.items()) for i, a in enumerate(aside)]
+            aside = [
+                OrderedDict(
+                    (k, _permute_entry(v, self.spec.axes.get(k), plist[i if per_net else 0])) for k, v in a.items()
+                )
+                for i, a in enumerate(aside)
+            ]
         return WeightSpaceBatch(self.spec, out, aside=aside, dtypes=self.dtypes, order=self.order)
 
 

@@ -15,6 +15,7 @@ pairs of tensors as the DWS blocks (diagonal, mean and broadcast terms on the hi
 the fixed input and output indices, which DWS folds into the features), and it reaches 142/142, the
 theorem's claim. :class:`DWSNet` stacks them with DWS's invariant head (pool, then an MLP).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -29,8 +30,16 @@ __all__ = ["DWSLayer", "DWSNet"]
 class DWSLayer(UNFLayer):
     """An affine HNP-equivariant layer on MLP weight spaces spanning all such maps (Navon et al. 2023, Thm 5.1)."""
 
-    def __init__(self, spec: SpecLike, in_channels: int, out_channels: int, *, keys: Optional[Sequence[str]] = None,
-                 bias: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        in_channels: int,
+        out_channels: int,
+        *,
+        keys: Optional[Sequence[str]] = None,
+        bias: bool = True,
+        **kwargs,
+    ) -> None:
         spec_, keys_ = resolve_space(spec, keys)
         check_chain_spec(spec_, keys_, "DWSLayer", allow_kernels=False)
         super().__init__(spec_, in_channels, out_channels, keys=keys_, fixed_axes="dense", bias=bias, **kwargs)
@@ -42,10 +51,13 @@ class DWSNet(UNF):
 
     family = "DWSNet"
 
-    def __init__(self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: Optional[int] = 1,
-                 **kwargs) -> None:
+    def __init__(
+        self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: Optional[int] = 1, **kwargs
+    ) -> None:
         if "fixed_axes" in kwargs:
-            raise TypeError("DWSNet is HNP-equivariant (fixed_axes='dense'); use UNF or NFN(variant='NP') for other groups")
+            raise TypeError(
+                "DWSNet is HNP-equivariant (fixed_axes='dense'); use UNF or NFN(variant='NP') for other groups"
+            )
         super().__init__(spec, hidden_channels, num_layers, out_features, fixed_axes="dense", **kwargs)
 
     def validate_spec(self, spec: PermutationSpec, keys: Tuple[str, ...]) -> None:

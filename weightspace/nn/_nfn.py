@@ -22,11 +22,11 @@ Both are the basis engine of :mod:`weightspace.nn._basis` restricted to NFN's ar
 NFN's pooling for invariant heads (means over permuted axes, HNP keeping one feature per fixed
 input/output index) -- see :class:`~weightspace.nn.InvariantPool`.
 """
+
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
-from torch import nn
 
 from weightspace.nn._basis import UnsupportedSpecError
 from weightspace.nn._unf import UNF, SpecLike, UNFLayer, resolve_space
@@ -39,18 +39,24 @@ VARIANTS = {"NP": "io", "HNP": "dense"}
 
 def check_chain_spec(spec: PermutationSpec, keys: Sequence[str], family: str, allow_kernels: bool = True) -> None:
     """Refuse specs that are not a plain chain of weights (and biases), naming the feature."""
-    hint = f"{family} supports MLPs{' and conv -> pool -> dense CNNs' if allow_kernels else ''}; use weightspace.nn.UNF for this spec"
+    hint = f"{family} supports MLPs{' and conv -> pool -> dense CNNs' if allow_kernels else ''}; use weightspace.nn.UNF for this spec"  # noqa: E501
     keyset = set(keys)
     for k in keys:
         lays = spec.axes[k]
         for ax, lay in enumerate(lays):
             if lay is not None and not lay.is_simple:
-                what = "concatenated (packed q|k|v)" if lay.kind == "concat" else "structured (a flatten or attention heads)"
+                what = (
+                    "concatenated (packed q|k|v)"
+                    if lay.kind == "concat"
+                    else "structured (a flatten or attention heads)"
+                )
                 raise UnsupportedSpecError(f"{family}: {k!r} axis {ax} is {what}: {lay}. {hint}")
         leaf = k.rpartition(".")[2]
         if not ((leaf == "weight" and len(lays) >= 2) or (leaf == "bias" and len(lays) == 1)):
-            raise UnsupportedSpecError(f"{family}: {k!r} (shape {spec.shapes.get(k)}) is neither a weight nor a bias "
-                                       f"(a normalisation, embedding or other parameter); {hint}")
+            raise UnsupportedSpecError(
+                f"{family}: {k!r} (shape {spec.shapes.get(k)}) is neither a weight nor a bias "
+                f"(a normalisation, embedding or other parameter); {hint}"
+            )
         if len(lays) > 2 and not allow_kernels:
             raise UnsupportedSpecError(f"{family}: {k!r} has shape {spec.shapes.get(k)} (a conv kernel); {hint}")
         if len(lays) > 2 and any(l is not None and l.kind == "group" for l in lays[2:]):
@@ -66,9 +72,10 @@ def check_chain_spec(spec: PermutationSpec, keys: Sequence[str], family: str, al
         if not ok:
             shown = ", ".join(f"{k}[{ax}]" for k, ax in where[:6]) + (" ..." if len(where) > 6 else "")
             raise UnsupportedSpecError(
-                f"{family}: group {g!r} acts on {len(where)} axes ({shown}); {family} needs each hidden group on the rows of one "
+                f"{family}: group {g!r} acts on {len(where)} axes ({shown}); {family} needs each hidden group on the rows of one "  # noqa: E501
                 f"weight (+ its bias) and the columns of the next (residual connections and normalisation layers are "
-                f"not supported). {hint}")
+                f"not supported). {hint}"
+            )
 
 
 def _fixed_axes(variant: str, family: str) -> str:
@@ -81,11 +88,28 @@ class NFNLayer(UNFLayer):
     """An NFN linear layer, ``variant="NP"`` or ``"HNP"``: the complete equivariant basis of that group
     on NFN's architectures (see the module docstring). Same call as :class:`UNFLayer`."""
 
-    def __init__(self, spec: SpecLike, in_channels: int, out_channels: int, variant: str = "NP", *,
-                 keys: Optional[Sequence[str]] = None, bias: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        in_channels: int,
+        out_channels: int,
+        variant: str = "NP",
+        *,
+        keys: Optional[Sequence[str]] = None,
+        bias: bool = True,
+        **kwargs,
+    ) -> None:
         spec_, keys_ = resolve_space(spec, keys)
         check_chain_spec(spec_, keys_, "NFNLayer")
-        super().__init__(spec_, in_channels, out_channels, keys=keys_, fixed_axes=_fixed_axes(variant, "NFNLayer"), bias=bias, **kwargs)
+        super().__init__(
+            spec_,
+            in_channels,
+            out_channels,
+            keys=keys_,
+            fixed_axes=_fixed_axes(variant, "NFNLayer"),
+            bias=bias,
+            **kwargs,
+        )
         self.variant = variant
 
 
@@ -96,8 +120,17 @@ class NFN(UNF):
 
     family = "NFN"
 
-    def __init__(self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: Optional[int] = 1, *,
-                 variant: str = "NP", io_embed: Optional[bool] = None, **kwargs) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        hidden_channels: int = 16,
+        num_layers: int = 3,
+        out_features: Optional[int] = 1,
+        *,
+        variant: str = "NP",
+        io_embed: Optional[bool] = None,
+        **kwargs,
+    ) -> None:
         if "fixed_axes" in kwargs:
             raise TypeError("NFN sets fixed_axes from variant ('NP' or 'HNP'); use UNF for other choices")
         fixed = _fixed_axes(variant, "NFN")

@@ -22,6 +22,7 @@ Supported specs: all of :class:`~weightspace.nn.UNF`'s. Tensors without a group 
 square ``(g, g)`` weight, a fixed output bias) are reached by the pooled term and by the linear
 layers. Cost: one ``T x T`` attention per group and head, ``T`` = number of tokens of the group.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,17 @@ from torch import nn
 
 from weightspace.nn._basis import BasisPlan, SpaceLayout
 from weightspace.nn._batch import WeightSpaceBatch
-from weightspace.nn._unf import (IOEmbedding, InvariantPool, SpecLike, UNFLayer, check_batch, check_dtype, make_activation,
-                                 readout_mlp, resolve_space)
+from weightspace.nn._unf import (
+    IOEmbedding,
+    InvariantPool,
+    SpecLike,
+    UNFLayer,
+    check_batch,
+    check_dtype,
+    make_activation,
+    readout_mlp,
+    resolve_space,
+)
 
 __all__ = ["NFTBlock", "NFT", "EquivariantAttention"]
 
@@ -63,7 +73,7 @@ class EquivariantAttention(nn.Module):
             for pi, _ in r:
                 fc = layout.pieces[pi].F * channels
                 self.qkv.append(proj(fc, 3 * d))
-                self.out.append(nn.Parameter(torch.zeros(d, fc)))          # blocks start as the identity
+                self.out.append(nn.Parameter(torch.zeros(d, fc)))  # blocks start as the identity
         self.pool_qkv = nn.ParameterList(proj(p.F * channels, 3 * d) for p in layout.pieces)
         self.pool_out = nn.ParameterList(nn.Parameter(torch.zeros(d, p.F * channels)) for p in layout.pieces)
         self._P = P
@@ -86,12 +96,12 @@ class EquivariantAttention(nn.Module):
             upd[pi] = y if upd[pi] is None else upd[pi] + y
 
         j = 0
-        for g, route in self.routes:
+        for _g, route in self.routes:
             qs, ks, vs, meta = [], [], [], []
             for pi, i in route:
                 x = xs[pi]
                 B = x.shape[0]
-                xm = x.movedim(1 + i, -3)                         # (B, others..., n_g, F, C)
+                xm = x.movedim(1 + i, -3)  # (B, others..., n_g, F, C)
                 others = xm.shape[1:-3]
                 n = xm.shape[-3]
                 tok = xm.reshape(B, -1, n, xm.shape[-2] * xm.shape[-1])
@@ -103,17 +113,17 @@ class EquivariantAttention(nn.Module):
             off = 0
             for pi, i, others, T, jj in meta:
                 p = pieces[pi]
-                y = o[:, off:off + T] @ self.out[jj]              # (B, T, n_g, F*C)
+                y = o[:, off : off + T] @ self.out[jj]  # (B, T, n_g, F*C)
                 off += T
                 y = y.reshape(y.shape[0], *others, p.slot_sizes[i], p.F, self.channels).movedim(-3, 1 + i)
                 add(pi, y)
         # pooled tokens, one per tensor
-        pooled = [x.mean(dim=tuple(range(1, x.dim() - 2))) if x.dim() > 3 else x for x in xs]     # (B, F, C)
+        pooled = [x.mean(dim=tuple(range(1, x.dim() - 2))) if x.dim() > 3 else x for x in xs]  # (B, F, C)
         B = xs[0].shape[0]
-        qkv = [pl.reshape(B, 1, 1, -1) @ w for pl, w in zip(pooled, self.pool_qkv)]            # (B, 1, 1, 3d)
-        qkv = torch.cat(qkv, dim=1)                                                              # (B, P, 1, 3d)
+        qkv = [pl.reshape(B, 1, 1, -1) @ w for pl, w in zip(pooled, self.pool_qkv)]  # (B, 1, 1, 3d)
+        qkv = torch.cat(qkv, dim=1)  # (B, P, 1, 3d)
         q, k, v = qkv.split(d, dim=-1)
-        o = self._attend(q, k, v)                                                                # (B, P, 1, d)
+        o = self._attend(q, k, v)  # (B, P, 1, d)
         for pi, p in enumerate(pieces):
             y = (o[:, pi, 0] @ self.pool_out[pi]).reshape(B, *([1] * len(p.slot_sizes)), p.F, self.channels)
             add(pi, y.expand(B, *p.slot_sizes, p.F, self.channels))
@@ -123,13 +133,22 @@ class EquivariantAttention(nn.Module):
 class NFTBlock(nn.Module):
     """Pre-norm transformer block on weight spaces: ``X + Attn(LN(X))``, ``X + FFN(LN(X))`` (LN and FFN per weight)."""
 
-    def __init__(self, layout: SpaceLayout, channels: int, heads: int = 4, ffn_mult: int = 2,
-                 activation: Union[str, nn.Module] = "gelu") -> None:
+    def __init__(
+        self,
+        layout: SpaceLayout,
+        channels: int,
+        heads: int = 4,
+        ffn_mult: int = 2,
+        activation: Union[str, nn.Module] = "gelu",
+    ) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.attn = EquivariantAttention(layout, channels, heads)
-        self.ffn = nn.Sequential(nn.Linear(channels, ffn_mult * channels), make_activation(activation),
-                                 nn.Linear(ffn_mult * channels, channels))
+        self.ffn = nn.Sequential(
+            nn.Linear(channels, ffn_mult * channels),
+            make_activation(activation),
+            nn.Linear(ffn_mult * channels, channels),
+        )
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         upd = self.attn([self.norm1(x) for x in xs])
@@ -149,10 +168,24 @@ class NFT(nn.Module):
 
     family = "NFT"
 
-    def __init__(self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: Optional[int] = 1, *,
-                 heads: int = 4, in_channels: int = 1, out_channels: int = 1, keys: Optional[Sequence[str]] = None,
-                 fixed_axes: str = "dense", activation: Union[str, nn.Module] = "gelu", io_embed: bool = False,
-                 readout_hidden: Optional[int] = None, input_scale: float = 1.0, bottleneck: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        hidden_channels: int = 16,
+        num_layers: int = 3,
+        out_features: Optional[int] = 1,
+        *,
+        heads: int = 4,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        keys: Optional[Sequence[str]] = None,
+        fixed_axes: str = "dense",
+        activation: Union[str, nn.Module] = "gelu",
+        io_embed: bool = False,
+        readout_hidden: Optional[int] = None,
+        input_scale: float = 1.0,
+        bottleneck: Optional[int] = None,
+    ) -> None:
         super().__init__()
         spec, keys = resolve_space(spec, keys)
         if num_layers < 0:
@@ -171,7 +204,9 @@ class NFT(nn.Module):
         else:
             self.norm = nn.LayerNorm(C)
             self.pool = InvariantPool(spec, C, keys=keys, layout=self.layout, plan=plan)
-            self.head = readout_mlp(self.pool.out_features, readout_hidden or max(4 * C, 32), int(out_features), activation)
+            self.head = readout_mlp(
+                self.pool.out_features, readout_hidden or max(4 * C, 32), int(out_features), activation
+            )
 
     def forward(self, batch: WeightSpaceBatch) -> Union[torch.Tensor, WeightSpaceBatch]:
         check_batch(batch, self.keys, self.in_channels, "NFT")

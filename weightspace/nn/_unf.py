@@ -42,6 +42,7 @@ zoo models of :mod:`weightspace.zoo`, traced specs, BatchNorm buffers excluded):
 indices, the ResNet's by 9 x 9 kernel blocks between its 65 tensors.) Verified exactly against the
 numerical commutant on small instances in ``tests/weightspace/nn/test_nn_span.py``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,28 +68,38 @@ def resolve_space(spec: SpecLike, keys: Optional[Sequence[str]]) -> Tuple[Permut
     if isinstance(spec, WeightSpaceBatch):
         return spec.spec, tuple(keys) if keys is not None else spec.keys
     if not isinstance(spec, PermutationSpec):
-        raise UnsupportedSpecError(f"expected a weightspace.PermutationSpec or a WeightSpaceBatch, not {type(spec).__name__}")
+        raise UnsupportedSpecError(
+            f"expected a weightspace.PermutationSpec or a WeightSpaceBatch, not {type(spec).__name__}"
+        )
     return spec, tuple(keys) if keys is not None else default_keys(spec)
 
 
 def check_dtype(module: nn.Module, batch: WeightSpaceBatch, who: str) -> None:
     p = next(module.parameters(), None)
     if p is not None and p.is_floating_point() and p.dtype != batch.dtype:
-        raise BatchError(f"{who} has {p.dtype} parameters but the batch holds {batch.dtype}; convert one of them "
-                         f"(batch.to({p.dtype}) or module.to({batch.dtype}))")
+        raise BatchError(
+            f"{who} has {p.dtype} parameters but the batch holds {batch.dtype}; convert one of them "
+            f"(batch.to({p.dtype}) or module.to({batch.dtype}))"
+        )
     if p is not None and p.device != batch.device:
-        raise BatchError(f"{who} is on {p.device} but the batch is on {batch.device}; move one of them (batch.to(device))")
+        raise BatchError(
+            f"{who} is on {p.device} but the batch is on {batch.device}; move one of them (batch.to(device))"
+        )
 
 
 def check_batch(batch: Any, keys: Tuple[str, ...], channels: int, who: str) -> None:
     if not isinstance(batch, WeightSpaceBatch):
-        raise BatchError(f"{who} takes a WeightSpaceBatch (wsnn.WeightSpaceBatch.from_state_dicts(state_dicts, spec)), "
-                         f"not {type(batch).__name__}")
+        raise BatchError(
+            f"{who} takes a WeightSpaceBatch (wsnn.WeightSpaceBatch.from_state_dicts(state_dicts, spec)), "
+            f"not {type(batch).__name__}"
+        )
     if batch.keys != keys:
         extra, missing = sorted(set(batch.keys) - set(keys)), sorted(set(keys) - set(batch.keys))
-        raise BatchError(f"{who} was built for other keys than the batch holds (batch only: {extra[:4]}, layer only: "
-                         f"{missing[:4]}{', or another order' if not extra and not missing else ''}); build the layer "
-                         "from the batch (pass the batch as spec, or keys=batch.keys)")
+        raise BatchError(
+            f"{who} was built for other keys than the batch holds (batch only: {extra[:4]}, layer only: "
+            f"{missing[:4]}{', or another order' if not extra and not missing else ''}); build the layer "
+            "from the batch (pass the batch as spec, or keys=batch.keys)"
+        )
     if batch.num_channels != channels:
         raise BatchError(f"{who} expects {channels} input channels but the batch has {batch.num_channels}")
 
@@ -114,9 +125,19 @@ class UNFLayer(nn.Module):
     bottleneck : factorise each signature's matrix through this many dimensions (None: full).
     """
 
-    def __init__(self, spec: SpecLike, in_channels: int, out_channels: int, *, keys: Optional[Sequence[str]] = None,
-                 fixed_axes: str = "dense", bias: bool = True, bottleneck: Optional[int] = None,
-                 layout: Optional[SpaceLayout] = None, plan: Optional[BasisPlan] = None) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        in_channels: int,
+        out_channels: int,
+        *,
+        keys: Optional[Sequence[str]] = None,
+        fixed_axes: str = "dense",
+        bias: bool = True,
+        bottleneck: Optional[int] = None,
+        layout: Optional[SpaceLayout] = None,
+        plan: Optional[BasisPlan] = None,
+    ) -> None:
         super().__init__()
         spec, keys = resolve_space(spec, keys)
         if in_channels < 1 or out_channels < 1:
@@ -136,8 +157,10 @@ class UNFLayer(nn.Module):
         self.factors = nn.ParameterList()
         for s in self.plan.signatures:
             n_in = self.plan.in_width(s) * in_channels + (1 if s == () and self.plan.bias else 0)
-            cols = [torch.full((pieces[t.piece].F * out_channels,), 1.0 / math.sqrt(max(fan[t.piece], 1)))
-                    for t in self.plan.out_terms[s]]
+            cols = [
+                torch.full((pieces[t.piece].F * out_channels,), 1.0 / math.sqrt(max(fan[t.piece], 1)))
+                for t in self.plan.out_terms[s]
+            ]
             std = torch.cat(cols)
             if bottleneck is None:
                 theta = torch.randn(n_in, std.numel()) * std
@@ -150,8 +173,10 @@ class UNFLayer(nn.Module):
                 self.factors.append(nn.Parameter(torch.randn(r, std.numel()) * std * math.sqrt(n_in / r)))
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels} -> {self.out_channels}, {len(self.layout.pieces)} pieces, "
-                f"{self.plan.num_terms()} terms, fixed_axes={self.fixed_axes!r}")
+        return (
+            f"{self.in_channels} -> {self.out_channels}, {len(self.layout.pieces)} pieces, "
+            f"{self.plan.num_terms()} terms, fixed_axes={self.fixed_axes!r}"
+        )
 
     def matrices(self) -> List[torch.Tensor]:
         if self.bottleneck is None:
@@ -172,7 +197,7 @@ class UNFLayer(nn.Module):
         pieces, plan = self.layout.pieces, self.plan
         B = xs[0].shape[0]
         flat = [x.reshape(*x.shape[:-2], -1) for x in xs]
-        small: List[dict] = [{} for _ in pieces]          # per piece: carried slots -> (B, n_carried..., D)
+        small: List[dict] = [{} for _ in pieces]  # per piece: carried slots -> (B, n_carried..., D)
         full: List[List[torch.Tensor]] = [[] for _ in pieces]
         dev, dt = flat[0].device, flat[0].dtype
         for s, theta in zip(plan.signatures, self.matrices()):
@@ -184,7 +209,7 @@ class UNFLayer(nn.Module):
             off = 0
             for t in plan.out_terms[s]:
                 w = pieces[t.piece].F * self.out_channels
-                chunk = h[..., off:off + w]
+                chunk = h[..., off : off + w]
                 off += w
                 if t.carried is not None:
                     order = sorted(range(len(t.carried)), key=lambda j: t.carried[j])
@@ -219,8 +244,16 @@ class InvariantPool(nn.Module):
     layer, per logit of the last) -- the complete HNP pooling.
     """
 
-    def __init__(self, spec: SpecLike, channels: int, *, keys: Optional[Sequence[str]] = None, fixed_axes: str = "dense",
-                 layout: Optional[SpaceLayout] = None, plan: Optional[BasisPlan] = None) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        channels: int,
+        *,
+        keys: Optional[Sequence[str]] = None,
+        fixed_axes: str = "dense",
+        layout: Optional[SpaceLayout] = None,
+        plan: Optional[BasisPlan] = None,
+    ) -> None:
         super().__init__()
         spec, keys = resolve_space(spec, keys)
         self.layout = layout if layout is not None else SpaceLayout(spec, keys, fixed_axes)
@@ -286,17 +319,32 @@ class UNF(nn.Module):
 
     family = "UNF"
 
-    def __init__(self, spec: SpecLike, hidden_channels: int = 16, num_layers: int = 3, out_features: Optional[int] = 1, *,
-                 in_channels: int = 1, out_channels: int = 1, keys: Optional[Sequence[str]] = None,
-                 fixed_axes: str = "dense", bottleneck: Optional[int] = None, activation: Union[str, nn.Module] = "relu",
-                 readout_hidden: Optional[int] = None, input_scale: float = 1.0, io_embed: bool = False,
-                 residual: bool = False) -> None:
+    def __init__(
+        self,
+        spec: SpecLike,
+        hidden_channels: int = 16,
+        num_layers: int = 3,
+        out_features: Optional[int] = 1,
+        *,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        keys: Optional[Sequence[str]] = None,
+        fixed_axes: str = "dense",
+        bottleneck: Optional[int] = None,
+        activation: Union[str, nn.Module] = "relu",
+        readout_hidden: Optional[int] = None,
+        input_scale: float = 1.0,
+        io_embed: bool = False,
+        residual: bool = False,
+    ) -> None:
         super().__init__()
         spec, keys = resolve_space(spec, keys)
         self.validate_spec(spec, keys)
         self.residual = bool(residual)
         if self.residual and (out_features is not None or out_channels != in_channels):
-            raise ValueError("residual=True needs an equivariant output (out_features=None) with out_channels == in_channels")
+            raise ValueError(
+                "residual=True needs an equivariant output (out_features=None) with out_channels == in_channels"
+            )
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.keys, self.out_features, self.in_channels = tuple(keys), out_features, int(in_channels)
@@ -306,8 +354,10 @@ class UNF(nn.Module):
         widths = [in_channels] + [hidden_channels] * num_layers
         if out_features is None:
             widths[-1] = out_channels
-        self.layers = nn.ModuleList(UNFLayer(spec, widths[i], widths[i + 1], keys=keys, bottleneck=bottleneck,
-                                             layout=self.layout, plan=plan) for i in range(num_layers))
+        self.layers = nn.ModuleList(
+            UNFLayer(spec, widths[i], widths[i + 1], keys=keys, bottleneck=bottleneck, layout=self.layout, plan=plan)
+            for i in range(num_layers)
+        )
         if self.residual:
             with torch.no_grad():
                 for p in self.layers[-1].parameters():
@@ -315,12 +365,20 @@ class UNF(nn.Module):
         self.act = make_activation(activation)
         self.io_embed = IOEmbedding(self.layout, widths[1]) if io_embed else None
         if io_embed and self.layout.fixed_axes == "dense":
-            raise UnsupportedSpecError("io_embed=True needs fixed_axes='io' or 'permuted' (there are no promoted axes to embed)")
+            raise UnsupportedSpecError(
+                "io_embed=True needs fixed_axes='io' or 'permuted' (there are no promoted axes to embed)"
+            )
         if out_features is not None:
             self.pool = InvariantPool(spec, widths[-1], keys=keys, layout=self.layout, plan=plan)
-            self.head = readout_mlp(self.pool.out_features, readout_hidden or max(hidden_channels * 4, 32), int(out_features), activation)
-        log.debug("UNF: %d pieces, %d basis terms per channel pair, %d parameters", len(self.layout.pieces),
-                  plan.num_terms(), sum(p.numel() for p in self.parameters()))
+            self.head = readout_mlp(
+                self.pool.out_features, readout_hidden or max(hidden_channels * 4, 32), int(out_features), activation
+            )
+        log.debug(
+            "UNF: %d pieces, %d basis terms per channel pair, %d parameters",
+            len(self.layout.pieces),
+            plan.num_terms(),
+            sum(p.numel() for p in self.parameters()),
+        )
 
     def forward(self, batch: WeightSpaceBatch) -> Union[torch.Tensor, WeightSpaceBatch]:
         check_batch(batch, self.keys, self.in_channels, type(self).__name__)
@@ -354,7 +412,9 @@ class IOEmbedding(nn.Module):
         super().__init__()
         self.layout = layout
         self.promoted = [g for g in layout.groups if g not in layout.spec.groups]
-        self.embeddings = nn.ParameterList(nn.Parameter(torch.randn(layout.groups[g], channels) * 0.1) for g in self.promoted)
+        self.embeddings = nn.ParameterList(
+            nn.Parameter(torch.randn(layout.groups[g], channels) * 0.1) for g in self.promoted
+        )
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
         out = []

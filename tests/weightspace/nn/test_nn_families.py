@@ -1,12 +1,13 @@
 """NFN (NP/HNP), DWSNet and NFT processors: equivariance with a random permutation per network,
 negative controls, the NP io-embedding breaking exactly the surplus symmetry, scope errors."""
+
 import pytest
 import torch
 
 import weightspace as ws
 from weightspace import nn as wsnn
 
-from nn_models import batch_of, move_one, permuted_key
+from nn_models import batch_of
 from test_nn_span import np_spec, mlp_spec
 from test_nn_unf import check_equivariant
 
@@ -16,6 +17,7 @@ from test_nn_unf import check_equivariant
 def test_nfn_processors(name, variant):
     if name == "cnn_gap":
         from weightspace import zoo
+
         torch.manual_seed(0)
         m = zoo.VGG(cfg=(3, 2), image_size=4, num_classes=3, head="gap", batch_norm=False, seed=0)
         spec = ws.permutation_spec(m, zoo.example_inputs(m))
@@ -39,7 +41,7 @@ def test_nfn_np_layer_is_np_equivariant_and_io_embed_breaks_only_the_surplus():
     nps = np_spec((3, 4, 5, 2))
     g = torch.Generator().manual_seed(0)
     tensors = {k: torch.randn(3, *nps.shapes[k], 1, generator=g, dtype=torch.float64) for k in wsnn.default_keys(nps)}
-    b_np = wsnn.WeightSpaceBatch(nps, tensors)           # NP group acting on the same keys
+    b_np = wsnn.WeightSpaceBatch(nps, tensors)  # NP group acting on the same keys
     b_hnp = wsnn.WeightSpaceBatch(spec, tensors)
     perms = [ws.random_permutation(nps, seed=s) for s in range(3)]
     torch.manual_seed(0)
@@ -47,19 +49,19 @@ def test_nfn_np_layer_is_np_equivariant_and_io_embed_breaks_only_the_surplus():
     y = layer(b_hnp)
     y_p = layer(b_hnp.with_tensors(b_np.permute(perms).tensors))
     want = b_np.with_tensors(y.tensors).permute(perms)
-    assert max((y_p.tensors[k] - want.tensors[k]).abs().max().item() for k in y.keys) < 1e-10      # NP-equivariant
+    assert max((y_p.tensors[k] - want.tensors[k]).abs().max().item() for k in y.keys) < 1e-10  # NP-equivariant
     hnp_layer = wsnn.NFNLayer(spec, 1, 2, variant="HNP").double()
     y = hnp_layer(b_hnp)
     y_p = hnp_layer(b_hnp.with_tensors(b_np.permute(perms).tensors))
     want = b_np.with_tensors(y.tensors).permute(perms)
-    assert max((y_p.tensors[k] - want.tensors[k]).abs().max().item() for k in y.keys) > 1e-6       # HNP is not
+    assert max((y_p.tensors[k] - want.tensors[k]).abs().max().item() for k in y.keys) > 1e-6  # HNP is not
     # with io_embed the NP processor distinguishes input neurons: not invariant to input permutations
     net = wsnn.NFN(spec, 4, 2, out_features=1, variant="NP", io_embed=True).double()
     no = wsnn.NFN(spec, 4, 2, out_features=1, variant="NP", io_embed=False).double()
     moved = b_hnp.with_tensors(b_np.permute(perms).tensors)
     assert (no(moved) - no(b_hnp)).abs().max() < 1e-10
     assert (net(moved) - net(b_hnp)).abs().max() > 1e-6
-    check_equivariant(net, b_hnp, spec, invariant=True)                                            # HNP still holds
+    check_equivariant(net, b_hnp, spec, invariant=True)  # HNP still holds
 
 
 def test_dwsnet_processor():
@@ -124,12 +126,16 @@ def test_scope_errors_name_the_feature():
 
     with pytest.raises(wsnn.UnsupportedSpecError, match="group .a. acts on 6 axes.*residual"):
         wsnn.NFNLayer(ws.permutation_spec(ResMLP(), torch.randn(2, 3)), 1, 1)
-    _, cnn, _ = batch_of("cnn", n=1)     # flatten + BatchNorm
+    _, cnn, _ = batch_of("cnn", n=1)  # flatten + BatchNorm
     with pytest.raises(wsnn.UnsupportedSpecError, match="NFN.*UNF"):
         wsnn.NFN(cnn)
     with pytest.raises(wsnn.UnsupportedSpecError, match="conv kernel"):
-        wsnn.DWSNet(ws.permutation_spec(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 1, 3)),
-                                        torch.randn(1, 1, 5, 5)))
+        wsnn.DWSNet(
+            ws.permutation_spec(
+                torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 1, 3)),
+                torch.randn(1, 1, 5, 5),
+            )
+        )
     _, mlp, _ = batch_of("mlp", n=1)
     with pytest.raises(wsnn.UnsupportedSpecError, match="'NP' or 'HNP'"):
         wsnn.NFN(mlp, variant="hnp")

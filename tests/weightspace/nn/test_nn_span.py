@@ -1,5 +1,6 @@
 """Every linear layer family spans exactly the commutant of its group (numerical oracle: orbits of
 the group on coordinate pairs), which equals the Bell-number count when the groups are large enough."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ def np_spec(sizes):
     for i in range(L):
         out = "out" if i == L - 1 else f"h{i}"
         inp = "in" if i == 0 else f"h{i - 1}"
-        m = 2 * i          # the keys of mlp_spec's nn.Sequential (Linear, ReLU, Linear, ...)
+        m = 2 * i  # the keys of mlp_spec's nn.Sequential (Linear, ReLU, Linear, ...)
         axes[f"{m}.weight"], shapes[f"{m}.weight"] = (out, inp), (sizes[i + 1], sizes[i])
         axes[f"{m}.bias"], shapes[f"{m}.bias"] = (out,), (sizes[i + 1],)
     return PermutationSpec.from_axes_to_perm(axes, shapes)
@@ -50,9 +51,9 @@ def check_span(make_layer, spec, expected=None):
 @pytest.mark.parametrize("sizes,hnp,npc", [((3, 4, 5, 2), 142, 62)])
 def test_unf_mlp_spans_hnp_and_np_commutants(sizes, hnp, npc):
     spec = mlp_spec(sizes)
-    check_span(lambda k: wsnn.UNFLayer(spec, 1, k, bias=False), spec, hnp)          # HNP: the true symmetry
+    check_span(lambda k: wsnn.UNFLayer(spec, 1, k, bias=False), spec, hnp)  # HNP: the true symmetry
     nps = np_spec(sizes)
-    check_span(lambda k: wsnn.UNFLayer(nps, 1, k, bias=False), nps, npc)            # NP, all axes permuted
+    check_span(lambda k: wsnn.UNFLayer(nps, 1, k, bias=False), nps, npc)  # NP, all axes permuted
     # "permuted" fixed axes on the HNP spec is the NP layer: it commutes with the NP group and spans its commutant
     make = lambda k: wsnn.UNFLayer(spec, 1, k, bias=False, fixed_axes="permuted")
     rank, defect = layer_span(make, nps, wsnn.default_keys(nps), draws=npc + 6)
@@ -78,10 +79,13 @@ def test_unf_structured_axes_span():
     e = Axis.group("e", 2)
     spec = PermutationSpec(
         {"heads": 2, "hd": 2, "e": 2},
-        {"qk": (Axis.concat(Axis.product(h, d), Axis.product(h, d)), e),
-         "o": (e, Axis.product(h, d)),
-         "fc": (None, Axis.product(e, Axis.fixed(3)))},
-        {"qk": (8, 2), "o": (2, 4), "fc": (1, 6)})
+        {
+            "qk": (Axis.concat(Axis.product(h, d), Axis.product(h, d)), e),
+            "o": (e, Axis.product(h, d)),
+            "fc": (None, Axis.product(e, Axis.fixed(3))),
+        },
+        {"qk": (8, 2), "o": (2, 4), "fc": (1, 6)},
+    )
     check_span(lambda k: wsnn.UNFLayer(spec, 1, k, bias=False), spec)
 
 
@@ -89,7 +93,7 @@ def test_unf_conv_spec_span():
     # a kernel (dense kernel positions) and a flatten (channels x ~H*W) into a Linear
     net = nn.Sequential(nn.Conv2d(1, 3, (2, 1)), nn.ReLU(), nn.Flatten(), nn.Linear(6, 2))
     spec = ws.permutation_spec(net, torch.randn(2, 1, 3, 1))
-    assert any(l is not None and not l.is_simple for v in spec.axes.values() for l in v), spec   # a flatten
+    assert any(l is not None and not l.is_simple for v in spec.axes.values() for l in v), spec  # a flatten
     check_span(lambda k: wsnn.UNFLayer(spec, 1, k, bias=False), spec)
 
 
@@ -108,7 +112,7 @@ def test_bias_spans_invariant_vectors():
             for p in layer.parameters():
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
             out = layer(zero)
-        assert torch.allclose(out.permute(ws.random_permutation(spec, 3)).flatten(), out.flatten())   # invariant
+        assert torch.allclose(out.permute(ws.random_permutation(spec, 3)).flatten(), out.flatten())  # invariant
         vecs.append(out.flatten()[0])
     assert torch.linalg.matrix_rank(torch.stack(vecs)).item() == 9
 
@@ -120,9 +124,9 @@ def test_nfn_layer_spans_full_commutant(variant, expected):
     make = lambda k: wsnn.NFNLayer(spec, 1, k, variant=variant, bias=False)
     if variant == "HNP":
         check_span(make, spec, expected)
-    else:      # NP: the group permutes the I/O neurons too; its orbits are counted on the NP spec
+    else:  # NP: the group permutes the I/O neurons too; its orbits are counted on the NP spec
         nps = np_spec((3, 4, 5, 2))
-        rank, defect = layer_span(make, nps, wsnn.default_keys(nps), draws=expected + 6)      # NP generators
+        rank, defect = layer_span(make, nps, wsnn.default_keys(nps), draws=expected + 6)  # NP generators
         assert rank == orbit_count(nps, wsnn.default_keys(nps)) == make(1).plan.num_terms() == expected
         assert defect < 1e-10
 
@@ -157,7 +161,9 @@ def test_span_oracle_detects_a_missing_term():
 
 def test_fixed_axis_modes_on_a_cnn():
     # "io" promotes only neuron axes (NFN's NP for CNNs: kernels folded into channels), "permuted" also kernels
-    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)
+    )
     spec = ws.permutation_spec(net, torch.randn(1, 2, 6, 6))
     keys = wsnn.default_keys(spec)
     F = {m: {p.key: p.F for p in wsnn.SpaceLayout(spec, keys, m).pieces} for m in ("dense", "io", "permuted")}
@@ -165,4 +171,4 @@ def test_fixed_axis_modes_on_a_cnn():
     assert F["io"]["0.weight"] == 9 and F["io"]["2.weight"] == 9 and F["io"]["5.weight"] == 1 and F["io"]["5.bias"] == 1
     assert set(F["permuted"].values()) == {1}
     io = wsnn.SpaceLayout(spec, keys, "io")
-    assert io.groups["5:out"] == 5 and io.groups["0.weight:1"] == 2        # the output rows and bias share one group
+    assert io.groups["5:out"] == 5 and io.groups["0.weight:1"] == 2  # the output rows and bias share one group
