@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from weightspace.checks import check_data, check_model
-from weightspace.results import Result
+from weightspace.results import Result, records_time
 from weightspace.features import call_order, capture_labelled
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class NeuralCollapse(Result):
     nc4_variant: str = "disagreement: argmax(Wh+b) != argmin||h-mu_c|| (train means)"
     dtype: str = "float64"
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     @classmethod
     def metric_names(cls) -> Tuple[str, ...]:
@@ -226,6 +226,7 @@ def _ncc(h: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return d2.argmin(1)
 
 
+@records_time
 def neural_collapse(features: Any, labels: Any, classifier: ClassifierLike = None, *,
                     num_classes: Optional[int] = None, global_mean: str = "sample",
                     test_features: Any = None, test_labels: Any = None, nc4_bias: bool = True,
@@ -371,6 +372,7 @@ def _last_linear(model: nn.Module, data: Any) -> str:
     return order[-1]
 
 
+@records_time
 def neural_collapse_of(model: nn.Module, data: Any, layer: str = "auto", *, at: str = "auto",
                        classifier: Any = "auto", test_data: Any = None, **options: Any) -> NeuralCollapse:
     """Capture features of ``model`` on ``data`` and return :func:`neural_collapse` of them.

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from torch import nn
 
-from weightspace.results import Result, to_jsonable
+from weightspace.results import Result, records_time, to_jsonable
 from weightspace import state as _eval
 from weightspace.checks import check_data, check_module
 
@@ -120,7 +120,7 @@ class InterpolationCurve(Result):
     alphas: np.ndarray
     values: Mapping[str, Mapping[str, np.ndarray]]
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     @property
     def splits(self) -> List[str]:
@@ -215,6 +215,7 @@ def _endpoints(model_a: nn.Module, model_b: nn.Module):
     return sa, sb
 
 
+@records_time
 def interpolate(model_a: nn.Module, model_b: nn.Module, data: Any, alphas: Union[int, Sequence[float]] = 11, *,
                 splits: Union[None, str, Sequence[str]] = None, metrics=("loss", "accuracy"),
                 loss_fn: Optional[Callable] = None, recalibrate_bn: Union[bool, str] = "auto", bn_data: Any = None,

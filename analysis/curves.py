@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from weightspace.results import Result, to_jsonable
+from weightspace.results import Result, records_time, to_jsonable
 from weightspace import state as _eval
 from analysis.connectivity import InterpolationCurve, _fn_name, _metric_names
 from weightspace.checks import check_data, check_finite, check_module
@@ -122,7 +122,7 @@ class ModeCurve(Result):
     control_points: Tuple[Mapping[str, torch.Tensor], ...]
     history: Tuple[float, ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     def __post_init__(self):
         super().__post_init__()
@@ -198,6 +198,7 @@ class ModeCurve(Result):
         return CurveEvaluation(alphas=ts, values=values, settings=settings, arc_length=arc)
 
 
+@records_time
 def train_curve(model_a: nn.Module, model_b: nn.Module, data: Any, kind: str = "bezier", bends: int = 1,
                 epochs: int = 20, lr: float = 0.01, weight_decay: float = 0.0, seed: int = 0, device=None, *,
                 loss_fn: Optional[Callable] = None, optimizer: str = "sgd", momentum: float = 0.9,
@@ -345,7 +346,7 @@ class PlaneResult(Result):
     dx: float
     dy: float
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     def to_dict(self) -> Dict[str, Any]:
         return to_jsonable({"x": self.x, "y": self.y, "values": self.values, "coordinates": self.coordinates,
@@ -360,6 +361,7 @@ def _axis(grid: int, lo: float, hi: float) -> np.ndarray:
     return np.array([((m - i) * lo + i * hi) / m for i in range(grid)])
 
 
+@records_time
 def plane(w0, w1, w2, data: Any, grid: Union[int, Tuple[int, int]] = 21,
           margin: Union[float, Tuple[float, float]] = 0.2, *, model: Optional[nn.Module] = None, splits=None,
           metrics=("loss", "accuracy"), loss_fn: Optional[Callable] = None, recalibrate_bn: Union[bool, str] = "auto",

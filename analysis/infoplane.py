@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightspace.results import Result
+from weightspace.results import Result, records_time
 from analysis import _mi
 from weightspace.checks import check_data, check_model
 from weightspace.features import capture_labelled
@@ -193,7 +193,7 @@ class InformationPlane(Result):
     h_y: float
     layer_settings: Tuple[Dict[str, Any], ...] = field(default=())
     settings: Dict[str, Any] = field(default_factory=dict)
-    log: Dict[str, Any] = field(default_factory=dict)
+    log: Dict[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     def __getitem__(self, layer: str) -> Tuple[float, float]:
         i = self.layers.index(layer)
@@ -227,6 +227,7 @@ def _bin_setting(module: Optional[nn.Module], opts: Dict[str, Any]) -> Dict[str,
     return {"binning": "adaptive", "range": None}
 
 
+@records_time
 def information_plane(model: nn.Module, data: Any, layers: Optional[Sequence[str]] = None,
                       estimator: str = "binning", *, units: str = "bits", **options: Any) -> InformationPlane:
     """``I(X; T)`` and ``I(T; Y)`` of each chosen layer of ``model`` on ``data``.

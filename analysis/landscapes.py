@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightspace.results import Result, to_jsonable
+from weightspace.results import Result, records_time, to_jsonable
 from weightspace import state as _eval
 from analysis.connectivity import _fn_name, _metric_names
 from weightspace.checks import check_data, check_model, check_module
@@ -242,7 +242,7 @@ class Landscape(Result):
     trajectory: Optional[np.ndarray] = None
     explained_variance_ratio: Optional[np.ndarray] = None
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict (directions themselves left out; their norms kept)."""
@@ -295,6 +295,7 @@ def _check_directions(dirs: Sequence[Mapping], params: Mapping[str, torch.Tensor
     return out
 
 
+@records_time
 def landscape(model: nn.Module, data: Any, *, directions: Union[str, Sequence[Mapping], PCADirections] = "filter",
               grid: Union[int, Tuple[int, int]] = 21, span=(-1.0, 1.0), dims: Optional[int] = None,
               metrics=("loss", "accuracy"), loss_fn: Optional[Callable] = None, seed: int = 0,

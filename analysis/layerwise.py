@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from weightspace.checks import check_data, check_module
-from weightspace.results import Result, to_jsonable
+from weightspace.results import Result, records_time, to_jsonable
 from weightspace import state as _eval
 from analysis.connectivity import _as_loss_like, _endpoints, _fn_name, _metric_names
 
@@ -111,7 +111,7 @@ class LayerwiseBarriers(Result):
     values: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]
     endpoints: Mapping[str, Mapping[str, Tuple[float, float]]]
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     def _pick(self, metric: str, base: str, split: Optional[str]) -> np.ndarray:
         b = base.upper()
@@ -158,6 +158,7 @@ class LayerwiseBarriers(Result):
                           "endpoints": self.endpoints, "settings": self.settings})
 
 
+@records_time
 def layerwise_barriers(model_a: nn.Module, model_b: nn.Module, data: Any,
                        groups: Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]] = "module",
                        alpha: float = 0.5, cumulative: bool = False, base: str = "both", *,

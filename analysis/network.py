@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from weightspace.checks import check_inputs, check_model
-from weightspace.results import Result
+from weightspace.results import Result, records_time
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class NetworkMetrics(Result):
     num_nodes: int = 0
     num_edges: int = 0
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     def layer_strength(self, layer: int) -> np.ndarray:
         """Strengths of the nodes of layer ``layer`` (in node order)."""
@@ -153,6 +153,7 @@ class NetworkMetrics(Result):
 # ----------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------
+@records_time
 def network_metrics(
     model_or_graph: Any,
     example_inputs: Any = None,

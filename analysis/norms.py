@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from weightspace.checks import check_data, check_model
-from weightspace.results import Result
+from weightspace.results import Result, records_time
 from weightspace.state import fold_batchnorm
 from weightspace.utils import iter_batches, model_device, module_mode
 
@@ -59,7 +59,7 @@ class NormMeasures(Result):
     path_norm_sq_over_margin: Optional[float]
     layers: Tuple[Mapping[str, Any], ...] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
 def _folded(model: nn.Module, example=None) -> Tuple[Dict[str, torch.Tensor], str]:
     """Layer name -> its weight with the BatchNorm after it folded in, and a note for the result."""
@@ -102,6 +102,7 @@ def _margins(model, data, device) -> np.ndarray:
     return np.concatenate(out)
 
 
+@records_time
 def norm_measures(model: nn.Module, data=None, *, init_model: Optional[nn.Module] = None,
                   margin_quantile: float = 0.1, fold_bn: bool = True, path_norm: bool = True,
                   device=None) -> NormMeasures:

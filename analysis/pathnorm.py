@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from weightspace.checks import check_data, check_inputs, check_model
-from weightspace.results import Result
+from weightspace.results import Result, records_time
 from weightspace.utils import iter_batches, module_mode
 
 from ._pathnorm_recipe import UnsupportedOperationError, _run_ones, _safe_exp
@@ -75,7 +75,7 @@ class PathNorm(Result):
     log_value: float
     q: float
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     @property
     def value_q(self) -> float:
@@ -110,8 +110,9 @@ class PathNormBound(Result):
     d_out: int
     theorem: str = "Gonon et al. 2024 (arXiv:2310.01225), Theorem 3.1"
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
+@records_time
 def path_norm(model: nn.Module, example_inputs, q: float = 1, *, device=None) -> PathNorm:
     """L^q path-norm ``||Phi(theta)||_q`` of a DAG ReLU network (Gonon et al., ICLR 2024, arXiv:2310.01225).
 
@@ -186,6 +187,7 @@ def path_norm(model: nn.Module, example_inputs, q: float = 1, *, device=None) ->
 # ----------------------------------------------------------------------------------------------
 # generalization bound
 # ----------------------------------------------------------------------------------------------
+@records_time
 def path_norm_bound(model: nn.Module, example_inputs, data, *, loss: str = "margin",
                     gamma: Optional[float] = None, t: float = 0.1, n: Optional[int] = None,
                     B: Optional[float] = None, depth: Optional[int] = None, kernel_size: Optional[int] = None,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from weightspace.checks import check_data, check_model
-from weightspace.results import Result
+from weightspace.results import Result, records_time
 from weightspace.utils import iter_batches, module_mode
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class HessianEigen(Result):
     method: str
     which: str
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
 @dataclass(frozen=True)
 class HessianTrace(Result):
@@ -71,7 +71,7 @@ class HessianTrace(Result):
     std_error: float
     samples: Tuple[float, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
 # ----------------------------------------------------------------------------------------------
 class _HVP:
@@ -251,6 +251,7 @@ def _power(op, n, k, max_iter, tol, gen, dtype, device, shift=0.0):
     return vals, vecs, res, all_conv, n_iter
 
 
+@records_time
 def hessian_eigenvalues(model: nn.Module, data, k: int = 1, loss_fn: Optional[Callable] = None,
                         method: str = "lanczos", max_iter: int = 100, tol: float = 1e-3, which: str = "LA",
                         seed: int = 0, *, mode: str = "eval", params: Optional[Sequence[str]] = None,
@@ -331,6 +332,7 @@ def hessian_eigenvalues(model: nn.Module, data, k: int = 1, loss_fn: Optional[Ca
                         n_iter=int(n_iter), method=method, which=which, settings=settings)
 
 
+@records_time
 def hessian_trace(model: nn.Module, data, n_samples: int = 100, seed: int = 0, loss_fn: Optional[Callable] = None,
                   *, mode: str = "eval", params: Optional[Sequence[str]] = None, device=None) -> HessianTrace:
     """Hutchinson's estimate of ``tr(H)`` with Rademacher probes (Hutchinson 1989; PyHessian).

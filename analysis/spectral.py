@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from weightspace.checks import check_model
-from weightspace.results import Result
+from weightspace.results import Result, records_time
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class PowerLawFit(Result):
     xmin_fixed: bool
     n_candidates: int
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
 def _ks(tail: np.ndarray, xmin: float, alpha: float) -> float:
     n = tail.size
@@ -64,6 +64,7 @@ def _ks(tail: np.ndarray, xmin: float, alpha: float) -> float:
     return float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
 
 
+@records_time
 def fit_power_law(eigenvalues, xmin: Optional[float] = None, *, min_tail: int = 5,
                   max_candidates: int = 2000) -> PowerLawFit:
     """Fit a power law to the tail of ``eigenvalues`` (MLE alpha, KS-optimal xmin).
@@ -174,7 +175,7 @@ class SpectralMetrics(Result):
 
     layers: Tuple[LayerSpectrum, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)
-    log: Mapping[str, Any] = field(default_factory=dict)
+    log: Mapping[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
     @property
     def analysed(self) -> Tuple[LayerSpectrum, ...]:
@@ -216,6 +217,7 @@ def _entropy(lam: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / math.log(lam.size))
 
 
+@records_time
 def spectral_metrics(model: nn.Module, min_size: int = 10, *, fit: bool = True, min_tail: int = 5) -> SpectralMetrics:
     """Empirical spectral densities and heavy-tail metrics of every Linear / Conv layer.
 

@@ -272,6 +272,8 @@ def test_one_result_convention():
         names = {f.name for f in dc.fields(cls)}
         if cls.__name__ not in _ROWS:
             assert {"settings", "log"} <= names, f"{cls.__qualname__} lacks settings/log fields"
+            log_field = next(f for f in dc.fields(cls) if f.name == "log")
+            assert not log_field.compare, f"{cls.__qualname__}.log takes part in ==; timings would break equality"
 
 
 def test_result_to_dict_is_json_and_stamps_versions():
@@ -286,6 +288,7 @@ def test_result_to_dict_is_json_and_stamps_versions():
     d = json.loads(json.dumps(res.to_dict()))
     assert d["type"] == "PowerLawFit" and d["settings"]["versions"]["torch"] == torch.__version__
     assert d["alpha"] == res.alpha
+    assert set(d["log"]) == {"seconds"} and d["log"]["seconds"] >= 0  # records_time filled the log
 
 
 def test_every_toolkit_error_has_one_base():

@@ -16,9 +16,10 @@ Write a result as::
     class MyResult(Result):
         value: float
         settings: dict = field(default_factory=dict)
-        log: dict = field(default_factory=dict)
+        log: dict = field(default_factory=dict, compare=False)
 
-and ``MyResult(...).to_dict()`` works. Fields listed in ``_skip_in_dict`` (for example a module or a
+and ``MyResult(...).to_dict()`` works (``compare=False``: two results with equal values are equal
+whatever their timings). Fields listed in ``_skip_in_dict`` (for example a module or a
 large state dict) are left out of ``to_dict()``.
 
 Errors: :class:`WeightspaceError` is the base of every error the toolkit raises on purpose. Each
@@ -31,10 +32,11 @@ import dataclasses
 import functools
 import math
 import platform
+import time
 from collections.abc import Mapping
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple, TypeVar
 
-__all__ = ["Result", "WeightspaceError", "to_jsonable", "versions"]
+__all__ = ["Result", "WeightspaceError", "to_jsonable", "versions", "records_time"]
 
 
 class WeightspaceError(Exception):
@@ -128,3 +130,34 @@ def _versions() -> Tuple[Tuple[str, str], ...]:
 def versions() -> Dict[str, str]:
     """Versions of Python, torch, NumPy, SciPy and weightspace, for ``settings`` of results."""
     return dict(_versions())
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def records_time(fn: F) -> F:
+    """Decorator for functions that return a :class:`Result`: puts the wall time of the call into the
+    result's ``log`` as ``"seconds"`` (an outer decorated call overwrites an inner one's).
+
+    >>> from dataclasses import dataclass, field
+    >>> @dataclass(frozen=True)
+    ... class Out(Result):
+    ...     log: dict = field(default_factory=dict)
+    >>> @records_time
+    ... def f():
+    ...     return Out()
+    >>> list(f().log)
+    ['seconds']
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        res = fn(*args, **kwargs)
+        log = getattr(res, "log", None)
+        if isinstance(res, Result) and isinstance(log, Mapping):
+            object.__setattr__(res, "log", {**log, "seconds": time.perf_counter() - t0})
+        return res
+
+    return wrapper  # type: ignore[return-value]
+

@@ -54,7 +54,7 @@ class TrainResult(Result):
     history: Tuple[EpochRecord, ...]
     seconds: float
     settings: Dict[str, Any] = field(default_factory=dict)
-    log: Dict[str, Any] = field(default_factory=dict)
+    log: Dict[str, Any] = field(default_factory=dict, compare=False)  # timings differ run to run
 
 
 
