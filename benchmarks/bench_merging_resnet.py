@@ -4,6 +4,7 @@ Git Re-Basin Fig. 5), next to the naive average and the endpoints.
 
     OMP_NUM_THREADS=2 python -m benchmarks.bench_merging_resnet --widths 1,2,4 --pairs 2 --epochs 15
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,19 +40,39 @@ def main():
             a, b = ms
             spec = ws.permutation_spec(a, train[0][:2])
             acc = lambda m: evaluate(m, test)["accuracy"] * 100  # noqa: E731
-            r = {"endpoints": (acc(a) + acc(b)) / 2,
-                 "naive": acc(merging.merge(a, b, device="cpu").model),
-                 "naive+bn_reset": acc(merging.merge(a, b, data=train, repair="bn_reset", device="cpu").model)}
+            r = {
+                "endpoints": (acc(a) + acc(b)) / 2,
+                "naive": acc(merging.merge(a, b, device="cpu").model),
+                "naive+bn_reset": acc(merging.merge(a, b, data=train, repair="bn_reset", device="cpu").model),
+            }
             wm = merging.merge(a, b, method="weight_matching", spec=spec, seed=p, device="cpu")
             r["wm"] = acc(wm.model)
             init = {"init": wm.alignment.permutations}  # same alignment for the repaired variants
-            r["wm+bn_reset"] = acc(merging.merge(a, b, method="weight_matching", spec=spec, seed=p, data=train,
-                                                 repair="bn_reset", device="cpu", **init).model)
-            r["wm+repair"] = acc(merging.merge(a, b, method="weight_matching", spec=spec, seed=p, data=train,
-                                               repair="repair", device="cpu", **init).model)
+            r["wm+bn_reset"] = acc(
+                merging.merge(
+                    a,
+                    b,
+                    method="weight_matching",
+                    spec=spec,
+                    seed=p,
+                    data=train,
+                    repair="bn_reset",
+                    device="cpu",
+                    **init,
+                ).model
+            )
+            r["wm+repair"] = acc(
+                merging.merge(
+                    a, b, method="weight_matching", spec=spec, seed=p, data=train, repair="repair", device="cpu", **init
+                ).model
+            )
             rows.append(r)
-            print(f"width x{w} pair {p}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items())
-                  + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"width x{w} pair {p}: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in r.items())
+                + f"  ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
         table[w] = {k: (statistics.mean([r[k] for r in rows]), float(np.std([r[k] for r in rows]))) for k in keys}
     print()
     print("| width | " + " | ".join(keys) + " |")

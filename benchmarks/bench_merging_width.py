@@ -8,6 +8,7 @@ repair every interior alpha on the training data (``merging.merge(..., alpha=a, 
 
     OMP_NUM_THREADS=2 python -m benchmarks.bench_merging_width --widths 32,128,512,1024 --pairs 2 --epochs 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import statistics
 import time
 
 import numpy as np
-import torch
 
 import analysis
 import merging
@@ -81,10 +81,16 @@ def main():
                 "acc_a": evaluate(a, test)["accuracy"],
             }
             rows.append(r)
-            print(f"width {w} pair {p}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items())
-                  + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
-        table[w] = {k: (statistics.mean([r[k] for r in rows]), (np.std([r[k] for r in rows]) if len(rows) > 1 else 0.0))
-                    for k in rows[0]}
+            print(
+                f"width {w} pair {p}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in r.items())
+                + f"  ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
+        table[w] = {
+            k: (statistics.mean([r[k] for r in rows]), (np.std([r[k] for r in rows]) if len(rows) > 1 else 0.0))
+            for k in rows[0]
+        }
     keys = ["naive", "wm", "am", "naive+repair", "wm+repair", "am+repair"]
     print()
     print("| width | " + " | ".join(keys) + " | wm / naive | test acc (A) |")

@@ -84,7 +84,7 @@ def same_width(arch, seeds, epochs):
                          ("weight matching", dict(method="weight_matching", repair=rep)),
                          ("OT fusion, weights, exact", dict(method="ot_fusion")),
                          ("OT fusion, activations, exact", dict(method="ot_fusion", ground_cost="activations")),
-                         ("OT fusion, weights, Sinkhorn reg 0.05", dict(method="ot_fusion", solver="sinkhorn", reg=0.05))]:
+                         ("OT fusion, weights, Sinkhorn reg 0.05", dict(method="ot_fusion", solver="sinkhorn", reg=0.05))]:  # noqa: E501
             t0 = time.perf_counter()
             r = merging.merge(a, b, data=(Xtr, Ytr), **kw)
             times.setdefault(name, []).append(time.perf_counter() - t0)

@@ -3,9 +3,11 @@
 
 Processors: FlatMLP, StatNN, DWS, NFN-NP, NFN-HNP, NFT, UNF (dense, one architecture: the zoo's
 fixed-architecture part, the INRs' SIREN) and GraphProcessor / RelationalTransformer (neural graphs;
-the ``--mixed`` row also trains the graph processor on the mixed-architecture part). Each parameter tensor is divided by its
+the ``--mixed`` row also trains the graph processor on the mixed-architecture part). Each parameter tensor is divided
+by its
 train-split standard deviation (one scalar per key, so no symmetry is broken; without it the SIREN
-hidden weights, ~0.02, leave the dense processors at chance). Every processor gets the same split, epochs, batch size, optimiser and hidden width; each seed changes the processor's
+hidden weights, ~0.02, leave the dense processors at chance). Every processor gets the same split, epochs, batch size,
+optimiser and hidden width; each seed changes the processor's
 initialisation and batch order (splits are fixed). DWS takes MLPs only, so it has no zoo number.
 
     python benchmarks/bench_processors.py                       # defaults below (the RESULTS.md run)
@@ -14,6 +16,7 @@ initialisation and batch order (splits are fixed). DWS takes MLPs only, so it ha
 
 Data sets are generated on first use and cached (``$WEIGHTSPACE_CACHE`` or ``~/.cache/weightspace``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +84,13 @@ class Task:
         if normalize:  # one scale per tensor key (the train split's std): a scalar per key keeps every symmetry
             keys = list(z.states[0])
             std = {k: torch.stack([z.states[i][k] for i in train_idx]).std().clamp(min=1e-12) for k in keys}
-            z = zoo.ModelZoo(tuple({k: v / std[k] for k, v in sd.items()} for sd in z.states), z.metadata, z.settings,
-                             z.log + ("benchmark: each key divided by its train-split std",), z.builder)
+            z = zoo.ModelZoo(
+                tuple({k: v / std[k] for k, v in sd.items()} for sd in z.states),
+                z.metadata,
+                z.settings,
+                z.log + ("benchmark: each key divided by its train-split std",),
+                z.builder,
+            )
         self.name, self.z, self.y, self.task = name, z, targets, task
         m = z.model(train_idx[0])
         x = m.example_input()
@@ -111,9 +119,19 @@ def run_one(task, name, seed, args):
     except Exception as exc:  # e.g. DWS on a CNN: report why, do not crash the table
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
     y = task.y if task.task == "classification" else task.y.unsqueeze(1)
-    fit = wsnn.fit_processor(model, task.inputs(kind, task.train_idx), y[task.train_idx], collate=task.collate(kind),
-                             task=task.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, seed=seed, device=args.device)
+    fit = wsnn.fit_processor(
+        model,
+        task.inputs(kind, task.train_idx),
+        y[task.train_idx],
+        collate=task.collate(kind),
+        task=task.task,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=seed,
+        device=args.device,
+    )
     pred = wsnn.predict(model, task.inputs(kind, task.test_idx), collate=task.collate(kind), batch_size=256)
     return task.score(pred.cpu(), task.test_idx), f"{fit.seconds:.0f}s"
 
@@ -167,7 +185,14 @@ def main():
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     if args.quick:
-        args.zoo_models, args.zoo_mixed, args.zoo_steps, args.inr_steps, args.epochs, args.seeds = 24, 8, (5, 10), 20, 2, [0]
+        args.zoo_models, args.zoo_mixed, args.zoo_steps, args.inr_steps, args.epochs, args.seeds = (
+            24,
+            8,
+            (5, 10),
+            20,
+            2,
+            [0],
+        )
     logging.basicConfig(level=logging.WARNING)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: fit_processor wraps the processors in DDP
         import torch.distributed as dist
@@ -179,25 +204,37 @@ def main():
     tasks = {}
     if "zoo" in args.tasks:
         bar, cb = _bar("digits CNN zoo")
-        z = zoo.digits_cnn_zoo(args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps), group_size=100, progress=cb)
+        z = zoo.digits_cnn_zoo(
+            args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps), group_size=100, progress=cb
+        )
         bar and bar.close()
         fixed = torch.tensor(z.where(part="fixed"))
         perm = fixed[torch.randperm(len(fixed), generator=torch.Generator().manual_seed(0))]
         h = len(perm) // 2
-        tasks["zoo"] = Task("zoo", z.select(perm.tolist()), z.select(perm.tolist()).targets("test_accuracy"), "regression",
-                            list(range(h)), list(range(h, len(perm))))
+        tasks["zoo"] = Task(
+            "zoo",
+            z.select(perm.tolist()),
+            z.select(perm.tolist()).targets("test_accuracy"),
+            "regression",
+            list(range(h)),
+            list(range(h, len(perm))),
+        )
         acc = tasks["zoo"].y
-        print(f"zoo: {len(z)} nets ({len(fixed)} fixed-architecture), test accuracy q0/q25/q50/q75/q100 = "
-              f"{[round(float(v), 3) for v in torch.quantile(acc, torch.tensor([0, .25, .5, .75, 1.]))]}; split {h}/{len(perm) - h}")
+        print(
+            f"zoo: {len(z)} nets ({len(fixed)} fixed-architecture), test accuracy q0/q25/q50/q75/q100 = "
+            f"{[round(float(v), 3) for v in torch.quantile(acc, torch.tensor([0, 0.25, 0.5, 0.75, 1.0]))]}; split {h}/{len(perm) - h}"  # noqa: E501
+        )
     if "inr" in args.tasks:
         bar, cb = _bar("digits INRs")
         inr = zoo.digits_inrs(args.inr_variant, steps=args.inr_steps, progress=cb)
         bar and bar.close()
         split = inr.column("split")
-        tr = [i for i, s in enumerate(split) if s == "train"][:args.inr_train]
+        tr = [i for i, s in enumerate(split) if s == "train"][: args.inr_train]
         te = [i for i, s in enumerate(split) if s == "test"]
         tasks["inr"] = Task("inr", inr, torch.tensor(inr.column("label")), "classification", tr, te)
-        print(f"INRs: {len(inr)} ({args.inr_variant}), median PSNR {torch.tensor(inr.column('psnr')).median():.1f} dB; split {len(tr)}/{len(te)}")
+        print(
+            f"INRs: {len(inr)} ({args.inr_variant}), median PSNR {torch.tensor(inr.column('psnr')).median():.1f} dB; split {len(tr)}/{len(te)}"  # noqa: E501
+        )
     results = {}
     for tname, task in tasks.items():
         for name in names:
@@ -228,9 +265,15 @@ def main():
             print(f"  mixed GraphProcessor seed {s}: {sc:.3f}", flush=True)
         results[("zoo-mixed", "GraphProcessor")] = (scores, [], None)
     print()
-    print("| processor | zoo Kendall tau (mean ± sd) | INR accuracy (mean ± sd) | nets/s fwd+bwd, batch 64 (zoo / INR) |")
+    print(
+        "| processor | zoo Kendall tau (mean ± sd) | INR accuracy (mean ± sd) | nets/s fwd+bwd, batch 64 (zoo / INR) |"
+    )
     print("|---|---|---|---|")
-    fmt = lambda v: "n/a" if not v else (f"{torch.tensor(v).mean():.3f} ± {torch.tensor(v).std():.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+    fmt = lambda v: (
+        "n/a"
+        if not v
+        else (f"{torch.tensor(v).mean():.3f} ± {torch.tensor(v).std():.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+    )
     for name in names:
         z = results.get(("zoo", name), ([], [], None))
         i = results.get(("inr", name), ([], [], None))
@@ -239,11 +282,17 @@ def main():
         print(f"| {name} | {fmt(z[0])} | {fmt(i[0])} | {thr} |" + (f" {why}" if why else ""))
     if ("zoo-mixed", "GraphProcessor") in results:
         print(f"| GraphProcessor, mixed-architecture zoo | {fmt(results[('zoo-mixed', 'GraphProcessor')][0])} | | |")
-    print(f"\nsettings: epochs {args.epochs}, batch {args.batch_size}, AdamW lr {args.lr} wd {args.weight_decay}, hidden {args.hidden}, "
-          f"seeds {args.seeds}, device {ws.resolve_device(args.device)}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"\nsettings: epochs {args.epochs}, batch {args.batch_size}, AdamW lr {args.lr} wd {args.weight_decay}, hidden {args.hidden}, "  # noqa: E501
+        f"seeds {args.seeds}, device {ws.resolve_device(args.device)}, torch {torch.__version__}, threads {torch.get_num_threads()}"  # noqa: E501
+    )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({f"{k[0]}/{k[1]}": {"scores": v[0], "notes": v[1], "throughput": v[2]} for k, v in results.items()}, f, indent=1)
+            json.dump(
+                {f"{k[0]}/{k[1]}": {"scores": v[0], "notes": v[1], "throughput": v[2]} for k, v in results.items()},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

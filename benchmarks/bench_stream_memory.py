@@ -15,6 +15,7 @@ Modes:
 * ``mmap``         -- the same key-by-key loop but reading with safetensors.safe_open (mmap);
 * ``in_memory``    -- io.load_state_dict both, merging.merge on the state dicts, io.save_state_dict.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,12 @@ def run_mode(mode: str, d: Path) -> dict:
     if out.exists():
         out.unlink()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), mode, str(d), str(out)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD.format(root=str(ROOT)), mode, str(d), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{p.stderr}")
     out.unlink()
@@ -130,20 +135,29 @@ def main() -> None:
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     size = make_checkpoints(d, args.size_gib, args.tensors)
-    print(f"checkpoints: 3 x {size / 2**30:.2f} GiB float32 ({args.tensors} weight tensors of "
-          f"{size / args.tensors / 2**20:.0f} MiB each) in {d}, written in {time.perf_counter() - t0:.0f} s")
-    print(f"{'mode':<12} {'inputs read':>12} {'peak RssAnon':>13} {'peak RssFile':>13} {'VmHWM':>8} "
-          f"{'VmHWM/ckpt':>10} {'time':>7}")
+    print(
+        f"checkpoints: 3 x {size / 2**30:.2f} GiB float32 ({args.tensors} weight tensors of "
+        f"{size / args.tensors / 2**20:.0f} MiB each) in {d}, written in {time.perf_counter() - t0:.0f} s"
+    )
+    print(
+        f"{'mode':<12} {'inputs read':>12} {'peak RssAnon':>13} {'peak RssFile':>13} {'VmHWM':>8} "
+        f"{'VmHWM/ckpt':>10} {'time':>7}"
+    )
     rows = []
     for mode in args.modes.split(","):
         r = run_mode(mode, d)
         rows.append(r)
         n_in = 3 if mode == "stream_ties" else 2
         gib = lambda x: x / 2**30  # noqa: E731
-        print(f"{mode:<12} {n_in} x {size / 2**30:.2f} GiB {gib(r['peak_anon']):>10.2f} GiB {gib(r['peak_file']):>9.2f} GiB "
-              f"{gib(r['vmhwm']):>5.2f} GiB {r['vmhwm'] / size:>9.2f}x {r['seconds']:>6.1f} s"
-              + (f"   timings {json.dumps({k: round(v, 1) for k, v in r['log'].get('timings', {}).items()})}"
-                 if r["log"] else ""))
+        print(
+            f"{mode:<12} {n_in} x {size / 2**30:.2f} GiB {gib(r['peak_anon']):>10.2f} GiB {gib(r['peak_file']):>9.2f} GiB "  # noqa: E501
+            f"{gib(r['vmhwm']):>5.2f} GiB {r['vmhwm'] / size:>9.2f}x {r['seconds']:>6.1f} s"
+            + (
+                f"   timings {json.dumps({k: round(v, 1) for k, v in r['log'].get('timings', {}).items()})}"
+                if r["log"]
+                else ""
+            )
+        )
     print(f"process baseline (python + torch + merging imported): {rows[0]['start_rss'] / 2**20:.0f} MiB")
     if not args.dir:
         for f in d.iterdir():

@@ -10,6 +10,7 @@ Run from the repository root::
    evaluates every term of the same :class:`BasisPlan` with ``torch.einsum`` (diagonals, means,
    delta/ones operands for broadcasts) and sums them; the two outputs are compared (max abs diff).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,12 @@ def reference(layer, xs):
                 d = torch.zeros((n,) * m, dtype=h.dtype)
                 d[(torch.arange(n),) * m] = 1
                 ops.append(d)
-            ys[t.piece].append(torch.einsum(t.equation, h[..., off:off + w], *ops))
+            ys[t.piece].append(torch.einsum(t.equation, h[..., off : off + w], *ops))
             off += w
-    return [torch.stack(torch.broadcast_tensors(*y)).sum(0).reshape(B, *p.slot_sizes, p.F, layer.out_channels)
-            for p, y in zip(pieces, ys)]
+    return [
+        torch.stack(torch.broadcast_tensors(*y)).sum(0).reshape(B, *p.slot_sizes, p.F, layer.out_channels)
+        for p, y in zip(pieces, ys)
+    ]
 
 
 def timed(fn, repeats):
@@ -67,8 +70,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    models = {"mlp": zoo.MLP(seed=0), "vgg": zoo.make("vgg", seed=0), "resnet20": zoo.make("resnet20", seed=0),
-              "vit": zoo.make("vit", seed=0)}
+    models = {
+        "mlp": zoo.MLP(seed=0),
+        "vgg": zoo.make("vgg", seed=0),
+        "resnet20": zoo.make("resnet20", seed=0),
+        "vit": zoo.make("vit", seed=0),
+    }
     print("model      params  pieces   dense      io  permuted")
     specs = {}
     for name, m in models.items():
@@ -79,8 +86,12 @@ def main() -> None:
         for mode in ("dense", "io", "permuted"):
             lay = wsnn.SpaceLayout(spec, keys, mode)
             counts.append(wsnn.BasisPlan(lay).num_terms())
-        print(f"{name:<9} {sum(p.numel() for p in m.parameters()):>7} {len(lay.pieces):>7} {counts[0]:>7} {counts[1]:>7} {counts[2]:>9}")
-    print(f"\nUNFLayer forward+backward, batch {args.batch}, {args.channels} -> {args.channels} channels, best of {args.repeats}")
+        print(
+            f"{name:<9} {sum(p.numel() for p in m.parameters()):>7} {len(lay.pieces):>7} {counts[0]:>7} {counts[1]:>7} {counts[2]:>9}"  # noqa: E501
+        )
+    print(
+        f"\nUNFLayer forward+backward, batch {args.batch}, {args.channels} -> {args.channels} channels, best of {args.repeats}"  # noqa: E501
+    )
     print("model     mode        fast (s)  einsum (s)  ratio  max |diff|")
     for name, mode in (("mlp", "permuted"), ("vgg", "dense"), ("vit", "permuted"), ("resnet20", "permuted")):
         spec = specs[name]

@@ -10,6 +10,7 @@ shared machine; medians and the ratio of medians are reported, with both objecti
     OMP_NUM_THREADS=2 python -m benchmarks.bench_weight_matching_speed --repeats 3
     python -m benchmarks.bench_weight_matching_speed --device cuda     # GPU costs (numbers where a GPU is lent)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,8 +107,11 @@ def main():
             oo.append(core.objective(prob, aln.permutations))
             sw_b.append(nb)
             sw_o.append(len(aln.log["restarts"][0]["sweeps"]))
-            print(f"{name} rep {r}: baseline {tb[-1]:.2f}s obj {ob[-1]:.2f} ({nb} sweeps) | ours {to[-1]:.2f}s "
-                  f"obj {oo[-1]:.2f} ({sw_o[-1]} sweeps, {aln.log['restarts'][0]['n_assignments']} LAPs)", flush=True)
+            print(
+                f"{name} rep {r}: baseline {tb[-1]:.2f}s obj {ob[-1]:.2f} ({nb} sweeps) | ours {to[-1]:.2f}s "
+                f"obj {oo[-1]:.2f} ({sw_o[-1]} sweeps, {aln.log['restarts'][0]['n_assignments']} LAPs)",
+                flush=True,
+            )
         mb, mo = statistics.median(tb), statistics.median(to)
         rel = (statistics.median(oo) - statistics.median(ob)) / abs(statistics.median(ob))
         rows.append((name, mb, mo, mb / mo, statistics.median(ob), statistics.median(oo), rel))

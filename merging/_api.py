@@ -5,6 +5,7 @@ Both functions accept models as modules, state dicts or checkpoint paths (read s
 permutation spec, weights, seed and device, validate the method's options against the registry and
 call the method. Nothing the user passes is modified; bad input raises before anything is written.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,7 @@ log = logging.getLogger(__name__)
 __all__ = ["merge", "align"]
 
 _REPAIRS = (None, "bn_reset", "repair")
-_COMMON = ("weights", "alpha", "base", "data", "spec", "example_inputs", "repair", "seed", "device", "out",
-           "overwrite")
+_COMMON = ("weights", "alpha", "base", "data", "spec", "example_inputs", "repair", "seed", "device", "out", "overwrite")
 
 
 def _model_name(i: int) -> str:
@@ -66,13 +66,17 @@ class _Inputs:
                 self.paths.append(None)
                 raw.append(obj)
             else:
-                raise MergeError(f"{name} is a {type(obj).__name__}; pass an nn.Module, a state dict or a checkpoint path")
+                raise MergeError(
+                    f"{name} is a {type(obj).__name__}; pass an nn.Module, a state dict or a checkpoint path"
+                )
         self.reference = next((m for m in self.modules if m is not None), None)
         if self.reference is not None and same_shapes:
             self.states = [as_state(s, self.reference, name) for s, name in zip(raw, names)]
         elif self.reference is not None:
-            self.states = [as_state(s, m, name) if m is not None else OrderedDict((k, v.detach()) for k, v in s.items())
-                           for s, m, name in zip(raw, self.modules, names)]
+            self.states = [
+                as_state(s, m, name) if m is not None else OrderedDict((k, v.detach()) for k, v in s.items())
+                for s, m, name in zip(raw, self.modules, names)
+            ]
         else:
             self.states = [OrderedDict((k, v.detach()) for k, v in s.items()) for s in raw]
 
@@ -128,10 +132,14 @@ def _check_spec_fits(spec: Any, state: Mapping, name: str) -> None:
         if key not in state:
             if key in optional:
                 continue
-            raise MergeError(f"the spec permutes {key!r}, which {name} does not have; was the spec made for another model?")
+            raise MergeError(
+                f"the spec permutes {key!r}, which {name} does not have; was the spec made for another model?"
+            )
         want = spec.shapes.get(key)
         if want is not None and tuple(state[key].shape) != tuple(want):
-            raise MergeError(f"the spec expects {key!r} of shape {tuple(want)} but {name} has {tuple(state[key].shape)}")
+            raise MergeError(
+                f"the spec expects {key!r} of shape {tuple(want)} but {name} has {tuple(state[key].shape)}"
+            )
 
 
 def _resolve_spec(spec: Any, example_inputs: Any, data: Any, inputs: _Inputs, method: str) -> Tuple[Any, str]:
@@ -139,11 +147,15 @@ def _resolve_spec(spec: Any, example_inputs: Any, data: Any, inputs: _Inputs, me
         _check_spec_fits(spec, inputs.states[0], inputs.names[0])
         return spec, "given"
     if example_inputs is None and data is None:
-        raise MergeError(f"method {method!r} permutes hidden units and needs a permutation spec: pass spec=..., "
-                         "or example_inputs= (one input batch) or data= to discover it by tracing model_a")
+        raise MergeError(
+            f"method {method!r} permutes hidden units and needs a permutation spec: pass spec=..., "
+            "or example_inputs= (one input batch) or data= to discover it by tracing model_a"
+        )
     if inputs.reference is None:
-        raise MergeError(f"method {method!r} needs a permutation spec, and state dicts cannot be traced: pass spec= "
-                         "(weightspace.permutation_spec(model, x) on a module of this architecture) or pass model_a as a module")
+        raise MergeError(
+            f"method {method!r} needs a permutation spec, and state dicts cannot be traced: pass spec= "
+            "(weightspace.permutation_spec(model, x) on a module of this architecture) or pass model_a as a module"
+        )
     from weightspace.symmetry import permutation_spec
 
     source = "traced from example_inputs"
@@ -156,22 +168,39 @@ def _resolve_spec(spec: Any, example_inputs: Any, data: Any, inputs: _Inputs, me
     try:
         found = permutation_spec(inputs.reference, x)
     except Exception as e:  # noqa: BLE001 -- any tracing failure gets the same next step
-        raise MergeError(f"could not discover the permutation spec of {type(inputs.reference).__name__} by tracing "
-                         f"({type(e).__name__}: {e}); write the spec by hand with "
-                         "weightspace.PermutationSpec.from_axes_to_perm(...) and pass spec=") from e
+        raise MergeError(
+            f"could not discover the permutation spec of {type(inputs.reference).__name__} by tracing "
+            f"({type(e).__name__}: {e}); write the spec by hand with "
+            "weightspace.PermutationSpec.from_axes_to_perm(...) and pass spec="
+        ) from e
     return found, source
 
 
 def _check_options(info: MethodInfo, options: Dict[str, Any], valid: Dict[str, Any], what: str) -> Dict[str, Any]:
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise MergeError(f"{what} {info.name!r} has no option(s) {unknown}; its options are {sorted(valid) or 'none'} "
-                         f"(common to all: {', '.join(_COMMON)})")
+        raise MergeError(
+            f"{what} {info.name!r} has no option(s) {unknown}; its options are {sorted(valid) or 'none'} "
+            f"(common to all: {', '.join(_COMMON)})"
+        )
     return {**valid, **options}
 
 
-def _prepare(models: Sequence[Any], info: MethodInfo, *, base: Any, weights: Any, alpha: Any, data: Any, spec: Any,
-             example_inputs: Any, seed: Any, device: Any, need_spec: bool, timings: Dict[str, float]):
+def _prepare(
+    models: Sequence[Any],
+    info: MethodInfo,
+    *,
+    base: Any,
+    weights: Any,
+    alpha: Any,
+    data: Any,
+    spec: Any,
+    example_inputs: Any,
+    seed: Any,
+    device: Any,
+    need_spec: bool,
+    timings: Dict[str, float],
+):
     from weightspace.utils import resolve_device
 
     t0 = time.perf_counter()
@@ -193,8 +222,10 @@ def _prepare(models: Sequence[Any], info: MethodInfo, *, base: Any, weights: Any
     base_state = None
     if base is not None:
         if "base" not in info.needs:
-            raise MergeError(f"method {info.name!r} does not use base=; methods that do: "
-                             f"{sorted(k for k, v in methods().items() if 'base' in v.needs)}")
+            raise MergeError(
+                f"method {info.name!r} does not use base=; methods that do: "
+                f"{sorted(k for k, v in methods().items() if 'base' in v.needs)}"
+            )
         b = _Inputs([base], ["base"])
         base_state = as_state(b.states[0], inputs.reference, "base") if inputs.reference is not None else b.states[0]
         check_compatible(base_state, inputs.states[0], ("base", names[0]))
@@ -213,9 +244,19 @@ def _prepare(models: Sequence[Any], info: MethodInfo, *, base: Any, weights: Any
     gen = torch.Generator()
     gen.manual_seed(int(seed))
     to = lambda s: None if s is None else OrderedDict((k, v.to(dev)) for k, v in s.items())  # noqa: E731
-    ctx = MergeContext(states=[to(s) for s in inputs.states], models=list(inputs.modules), reference=inputs.reference,
-                       spec=spec, weights=w, data=data, base=to(base_state), seed=int(seed), device=dev,
-                       generator=gen, example_inputs=example_inputs)
+    ctx = MergeContext(
+        states=[to(s) for s in inputs.states],
+        models=list(inputs.modules),
+        reference=inputs.reference,
+        spec=spec,
+        weights=w,
+        data=data,
+        base=to(base_state),
+        seed=int(seed),
+        device=dev,
+        generator=gen,
+        example_inputs=example_inputs,
+    )
     return ctx, inputs, spec_source
 
 
@@ -236,7 +277,9 @@ def _target_module(inputs: "_Inputs", sd: Mapping[str, torch.Tensor]) -> Optiona
     return None
 
 
-def _finish_state(out: MethodOutput, ref_state: Mapping[str, torch.Tensor], info: MethodInfo) -> Dict[str, torch.Tensor]:
+def _finish_state(
+    out: MethodOutput, ref_state: Mapping[str, torch.Tensor], info: MethodInfo
+) -> Dict[str, torch.Tensor]:
     sd = out.state_dict
     if not isinstance(sd, Mapping):
         raise RuntimeError(f"method {info.name!r} returned {type(sd).__name__} instead of a state dict")
@@ -247,14 +290,30 @@ def _finish_state(out: MethodOutput, ref_state: Mapping[str, torch.Tensor], info
     res: Dict[str, torch.Tensor] = OrderedDict()
     for k, v in sd.items():
         r = ref_state.get(k)
-        res[k] = v.detach().to(device=r.device, dtype=r.dtype) if r is not None and tuple(r.shape) == tuple(v.shape) else v.detach()
+        res[k] = (
+            v.detach().to(device=r.device, dtype=r.dtype)
+            if r is not None and tuple(r.shape) == tuple(v.shape)
+            else v.detach()
+        )
     return res
 
 
-def merge(*models: Any, method: str = "average", weights: Optional[Sequence[float]] = None,
-          alpha: Optional[float] = None, base: Any = None, data: Any = None, spec: Any = None,
-          example_inputs: Any = None, repair: Optional[str] = None, seed: int = 0, device: Any = "auto",
-          out: Any = None, overwrite: bool = False, **options: Any) -> MergeResult:
+def merge(
+    *models: Any,
+    method: str = "average",
+    weights: Optional[Sequence[float]] = None,
+    alpha: Optional[float] = None,
+    base: Any = None,
+    data: Any = None,
+    spec: Any = None,
+    example_inputs: Any = None,
+    repair: Optional[str] = None,
+    seed: int = 0,
+    device: Any = "auto",
+    out: Any = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> MergeResult:
     """Merge two or more models of one architecture with a registered method.
 
     Parameters
@@ -307,15 +366,38 @@ def merge(*models: Any, method: str = "average", weights: Optional[Sequence[floa
     out_path = _check_out(out, models, overwrite)
     stream = _maybe_stream(info, models, base, out_path, repair)
     if stream is not None:
-        return stream(info=info, paths=[Path(m) for m in models], base=base, weights=weights, alpha=alpha,
-                      options=opts, seed=seed, device=device, out=out_path, overwrite=overwrite)
+        return stream(
+            info=info,
+            paths=[Path(m) for m in models],
+            base=base,
+            weights=weights,
+            alpha=alpha,
+            options=opts,
+            seed=seed,
+            device=device,
+            out=out_path,
+            overwrite=overwrite,
+        )
     timings: Dict[str, float] = {}
     need_spec = "spec" in run_info.needs or run_info.aligns or run_info.name == "merge_many"
-    ctx, inputs, spec_source = _prepare(models, run_info, base=base, weights=weights, alpha=alpha, data=data, spec=spec,
-                                        example_inputs=example_inputs, seed=seed, device=device, need_spec=need_spec,
-                                        timings=timings)
+    ctx, inputs, spec_source = _prepare(
+        models,
+        run_info,
+        base=base,
+        weights=weights,
+        alpha=alpha,
+        data=data,
+        spec=spec,
+        example_inputs=example_inputs,
+        seed=seed,
+        device=device,
+        need_spec=need_spec,
+        timings=timings,
+    )
     if repair is not None and inputs.reference is None:
-        raise MergeError(f"repair={repair!r} runs the model: pass at least one model as an nn.Module, not only state dicts")
+        raise MergeError(
+            f"repair={repair!r} runs the model: pass at least one model as an nn.Module, not only state dicts"
+        )
     t0 = time.perf_counter()
     res_out = run_info.fn(ctx, **opts)
     if not isinstance(res_out, MethodOutput):
@@ -328,8 +410,13 @@ def merge(*models: Any, method: str = "average", weights: Optional[Sequence[floa
 
         t0 = time.perf_counter()
         merged, repair_log = apply_repair(repair, ctx, res_out)
-        res_out = MethodOutput(state_dict=merged, alignment=res_out.alignment, model=res_out.model, log=res_out.log,
-                               endpoints=res_out.endpoints)
+        res_out = MethodOutput(
+            state_dict=merged,
+            alignment=res_out.alignment,
+            model=res_out.model,
+            log=res_out.log,
+            endpoints=res_out.endpoints,
+        )
         timings["repair"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sd = _finish_state(res_out, inputs.states[0], run_info)
@@ -338,15 +425,25 @@ def merge(*models: Any, method: str = "average", weights: Optional[Sequence[floa
         target = _target_module(inputs, sd)
         model = None if target is None else _build_model(target, sd)
     timings["build"] = time.perf_counter() - t0
-    settings = {"method": method, "options": opts, "weights": ctx.weights, "seed": ctx.seed, "device": str(ctx.device),
-                "repair": repair, "n_models": len(models), "inputs": inputs.describe(), "versions": versions()}
+    settings = {
+        "method": method,
+        "options": opts,
+        "weights": ctx.weights,
+        "seed": ctx.seed,
+        "device": str(ctx.device),
+        "repair": repair,
+        "n_models": len(models),
+        "inputs": inputs.describe(),
+        "versions": versions(),
+    }
     if run_info is not info:
         settings["runner"] = run_info.name
     log_ = {"method": res_out.log, "timings": timings, "spec_source": spec_source}
     if repair_log:
         log_["repair"] = repair_log
-    result = MergeResult(model=model, state_dict=sd, alignment=res_out.alignment, spec=ctx.spec, settings=settings,
-                         log=log_)
+    result = MergeResult(
+        model=model, state_dict=sd, alignment=res_out.alignment, spec=ctx.spec, settings=settings, log=log_
+    )
     if out_path is not None:
         result.save(out_path, overwrite=overwrite)
         log_["out"] = str(out_path)
@@ -382,8 +479,18 @@ def _maybe_stream(info: MethodInfo, models: Sequence[Any], base: Any, out: Optio
     return getattr(_stream, "stream_merge", None)
 
 
-def align(model_a: Any, model_b: Any, method: str = "weight_matching", *, spec: Any = None, example_inputs: Any = None,
-          data: Any = None, seed: int = 0, device: Any = "auto", **options: Any) -> Alignment:
+def align(
+    model_a: Any,
+    model_b: Any,
+    method: str = "weight_matching",
+    *,
+    spec: Any = None,
+    example_inputs: Any = None,
+    data: Any = None,
+    seed: int = 0,
+    device: Any = "auto",
+    **options: Any,
+) -> Alignment:
     """Permutations taking model_b into model_a's basis (``ws.permute(model_b, aln.spec, aln.permutations)``).
 
     ``method`` is an aligning method of :func:`merging.methods` (``weight_matching``,
@@ -392,13 +499,26 @@ def align(model_a: Any, model_b: Any, method: str = "weight_matching", *, spec: 
     """
     info = get(method)
     if not info.aligns:
-        raise MergeError(f"method {method!r} does not align models; aligning methods: "
-                         f"{sorted(k for k, v in methods().items() if v.aligns)}")
+        raise MergeError(
+            f"method {method!r} does not align models; aligning methods: "
+            f"{sorted(k for k, v in methods().items() if v.aligns)}"
+        )
     opts = _check_options(info, options, info.align_options, "alignment by")
     timings: Dict[str, float] = {}
-    ctx, _, spec_source = _prepare((model_a, model_b), info, base=None, weights=None, alpha=None, data=data, spec=spec,
-                                   example_inputs=example_inputs, seed=seed, device=device, need_spec=True,
-                                   timings=timings)
+    ctx, _, spec_source = _prepare(
+        (model_a, model_b),
+        info,
+        base=None,
+        weights=None,
+        alpha=None,
+        data=data,
+        spec=spec,
+        example_inputs=example_inputs,
+        seed=seed,
+        device=device,
+        need_spec=True,
+        timings=timings,
+    )
     t0 = time.perf_counter()
     aln = info.align_fn(ctx, **opts)
     timings["align"] = time.perf_counter() - t0

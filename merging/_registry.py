@@ -10,6 +10,7 @@ keys, it returns the merged values of exactly those keys).
 :func:`methods` imports every module listed in ``_METHOD_MODULES`` before answering, so the registry
 is complete however the package was imported (no registration by import side effects elsewhere).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -145,9 +146,18 @@ def _signature_options(fn: Callable, what: str) -> Tuple[Dict[str, Any], bool]:
     return opts, var_kw
 
 
-def register(name: str, *, paper: str, needs: Tuple[str, ...] = (), options: Optional[Dict[str, Any]] = None,
-             aligns: bool = False, elementwise: bool = False, min_models: int = 2,
-             align_fn: Optional[Callable] = None, same_shapes: bool = True) -> Callable[[Callable], Callable]:
+def register(
+    name: str,
+    *,
+    paper: str,
+    needs: Tuple[str, ...] = (),
+    options: Optional[Dict[str, Any]] = None,
+    aligns: bool = False,
+    elementwise: bool = False,
+    min_models: int = 2,
+    align_fn: Optional[Callable] = None,
+    same_shapes: bool = True,
+) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(ctx, **options) -> MethodOutput`` as method ``name``.
 
     ``options`` defaults to the keyword parameters of ``fn`` with their defaults. ``align_fn(ctx,
@@ -177,10 +187,20 @@ def register(name: str, *, paper: str, needs: Tuple[str, ...] = (), options: Opt
         old = _REGISTRY.get(name)
         if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"method {name!r} is already registered by {old.fn.__module__}.{old.fn.__qualname__}")
-        _REGISTRY[name] = MethodInfo(name=name, paper=paper, needs=tuple(needs), options=opts, aligns=bool(aligns),
-                                     elementwise=bool(elementwise), min_models=int(min_models),
-                                     doc=_first_paragraph(fn.__doc__), fn=fn, align_fn=align_fn,
-                                     align_options=a_opts, same_shapes=bool(same_shapes))
+        _REGISTRY[name] = MethodInfo(
+            name=name,
+            paper=paper,
+            needs=tuple(needs),
+            options=opts,
+            aligns=bool(aligns),
+            elementwise=bool(elementwise),
+            min_models=int(min_models),
+            doc=_first_paragraph(fn.__doc__),
+            fn=fn,
+            align_fn=align_fn,
+            align_options=a_opts,
+            same_shapes=bool(same_shapes),
+        )
         return fn
 
     return deco

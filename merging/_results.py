@@ -1,4 +1,5 @@
 """Result objects of ``merging``: :class:`Alignment` and :class:`MergeResult`."""
+
 from __future__ import annotations
 
 import os
@@ -75,5 +76,6 @@ class MergeResult(Result):
         """Write ``state_dict`` atomically (safetensors for ``.safetensors``); never overwrites unless asked."""
         from weightspace.io import save_state_dict
 
-        return save_state_dict(self.state_dict, path, metadata={"method": str(self.settings.get("method", ""))},
-                               overwrite=overwrite)
+        return save_state_dict(
+            self.state_dict, path, metadata={"method": str(self.settings.get("method", ""))}, overwrite=overwrite
+        )

@@ -20,6 +20,7 @@ lands here (see ``merging._api``). Nothing is loaded whole:
   threshold of each task vector) expose a ``stream_prepare`` hook; it runs extra read passes before the
   merge pass (2 for float32/16 checkpoints, 4 for float64; see ``merging.task_vectors``).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,12 +52,24 @@ _ORDER_KEY = "__weightspace_key_order__"
 _MAX_HEADER = 100 * 1024 * 1024
 
 _DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -93,9 +106,11 @@ class LazySafetensors(Mapping):
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
         except (ValueError, UnicodeDecodeError, struct.error) as e:
-            raise MergeError(f"{self.path} is not a valid safetensors file ({e}); it may be corrupt, truncated or "
-                             "a pickle renamed .safetensors (convert it with weightspace.io, which refuses pickled "
-                             "objects)") from e
+            raise MergeError(
+                f"{self.path} is not a valid safetensors file ({e}); it may be corrupt, truncated or "
+                "a pickle renamed .safetensors (convert it with weightspace.io, which refuses pickled "
+                "objects)"
+            ) from e
         self._data_start = 8 + n
         meta = header.pop("__metadata__", None) or {}
         self.metadata: Dict[str, str] = {str(k): str(v) for k, v in meta.items()}
@@ -107,13 +122,17 @@ class LazySafetensors(Mapping):
                 shape = tuple(int(s) for s in e["shape"])
                 start, end = (int(x) for x in e["data_offsets"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise MergeError(f"{self.path}: header entry {key!r} is malformed or has an unsupported dtype "
-                                 f"({exc!r}); supported dtypes: {sorted(_DTYPES)}") from exc
+                raise MergeError(
+                    f"{self.path}: header entry {key!r} is malformed or has an unsupported dtype "
+                    f"({exc!r}); supported dtypes: {sorted(_DTYPES)}"
+                ) from exc
             want = math.prod(shape) * _itemsize(dtype)
             if not (0 <= start <= end <= data_len) or end - start != want:
-                raise MergeError(f"{self.path}: tensor {key!r} has byte range [{start}, {end}) that does not fit its "
-                                 f"shape {shape} and dtype {e['dtype']} or the file ({data_len} data bytes); the "
-                                 "file is corrupt or truncated")
+                raise MergeError(
+                    f"{self.path}: tensor {key!r} has byte range [{start}, {end}) that does not fit its "
+                    f"shape {shape} and dtype {e['dtype']} or the file ({data_len} data bytes); the "
+                    "file is corrupt or truncated"
+                )
             entries[key] = (dtype, shape, start, end)
         order = None
         try:
@@ -177,8 +196,14 @@ class StreamWriter:
     leaves ``path`` untouched. ``path`` is never replaced unless ``overwrite``.
     """
 
-    def __init__(self, path: "os.PathLike | str", entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
-                 metadata: Optional[Mapping[str, str]] = None, *, overwrite: bool = False):
+    def __init__(
+        self,
+        path: "os.PathLike | str",
+        entries: Sequence[Tuple[str, torch.dtype, Sequence[int]]],
+        metadata: Optional[Mapping[str, str]] = None,
+        *,
+        overwrite: bool = False,
+    ):
         self.path = Path(path)
         self.overwrite = overwrite
         if self.path.exists() and not overwrite:
@@ -225,19 +250,21 @@ class StreamWriter:
 
     def commit(self) -> Path:
         if self._next != len(self._plan):
-            raise MergeError(f"StreamWriter: {len(self._plan) - self._next} tensors were not written "
-                             f"(next: {self._plan[self._next][0]!r}); nothing was saved")
+            raise MergeError(
+                f"StreamWriter: {len(self._plan) - self._next} tensors were not written "
+                f"(next: {self._plan[self._next][0]!r}); nothing was saved"
+            )
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         if self.overwrite:
             os.replace(self._tmp, self.path)
         else:
-            try:   # no-clobber: fails if the file appeared meanwhile
+            try:  # no-clobber: fails if the file appeared meanwhile
                 os.link(self._tmp, self.path)
             except FileExistsError:
                 raise MergeError(f"{self.path} appeared while merging; refusing to overwrite it") from None
-            except OSError:   # file systems without hard links
+            except OSError:  # file systems without hard links
                 if self.path.exists():
                     raise MergeError(f"{self.path} appeared while merging; refusing to overwrite it") from None
                 os.replace(self._tmp, self.path)
@@ -288,28 +315,46 @@ def _check_headers(readers: Sequence[LazySafetensors], names: Sequence[str]) -> 
         only_r = [k for k in shapes if k not in ref_shapes]
         if only_ref or only_r:
             first = (only_ref or only_r)[0]
-            raise MergeError(f"{ref_name} ({ref.path}) and {name} ({r.path}) have different keys: {first!r} is only in "
-                             f"{ref_name if only_ref else name} (only in {ref_name}: {only_ref[:5]}, only in {name}: "
-                             f"{only_r[:5]}); both must share one architecture")
+            raise MergeError(
+                f"{ref_name} ({ref.path}) and {name} ({r.path}) have different keys: {first!r} is only in "
+                f"{ref_name if only_ref else name} (only in {ref_name}: {only_ref[:5]}, only in {name}: "
+                f"{only_r[:5]}); both must share one architecture"
+            )
         for k, s in ref_shapes.items():
             if shapes[k] != s:
-                raise MergeError(f"parameter {k!r}: {ref_name} ({ref.path}) has shape {s} but {name} ({r.path}) has "
-                                 f"{shapes[k]}; both must share one architecture")
+                raise MergeError(
+                    f"parameter {k!r}: {ref_name} ({ref.path}) has shape {s} but {name} ({r.path}) has "
+                    f"{shapes[k]}; both must share one architecture"
+                )
             if dtypes[k] != ref_dtypes[k]:
-                raise MergeError(f"parameter {k!r}: {ref_name} has dtype {ref_dtypes[k]} but {name} has {dtypes[k]}; "
-                                 "cast one checkpoint first")
+                raise MergeError(
+                    f"parameter {k!r}: {ref_name} has dtype {ref_dtypes[k]} but {name} has {dtypes[k]}; "
+                    "cast one checkpoint first"
+                )
 
 
 def _finite(t: torch.Tensor, key: str, name: str, path: Path) -> None:
     # min and max propagate NaN and show +-inf: one reduction pass, ~10x cheaper than isfinite().all() on CPU
     if t.is_floating_point() and t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t.reshape(-1))):
-        raise MergeError(f"{name}[{key!r}] ({path}) contains NaN or inf; the checkpoint is broken (training diverged?) "
-                         "and nothing was written")
+        raise MergeError(
+            f"{name}[{key!r}] ({path}) contains NaN or inf; the checkpoint is broken (training diverged?) "
+            "and nothing was written"
+        )
 
 
-def stream_merge(*, info: MethodInfo, paths: Sequence[Path], base: Any = None, weights: Any = None, alpha: Any = None,
-                 options: Dict[str, Any], seed: int = 0, device: Any = "auto", out: Path,
-                 overwrite: bool = False) -> MergeResult:
+def stream_merge(
+    *,
+    info: MethodInfo,
+    paths: Sequence[Path],
+    base: Any = None,
+    weights: Any = None,
+    alpha: Any = None,
+    options: Dict[str, Any],
+    seed: int = 0,
+    device: Any = "auto",
+    out: Path,
+    overwrite: bool = False,
+) -> MergeResult:
     """Merge safetensors files key by key with an elementwise method, writing ``out`` as it goes.
 
     Called by :func:`merging.merge` when every input is a ``.safetensors`` path, the method is
@@ -356,9 +401,22 @@ def stream_merge(*, info: MethodInfo, paths: Sequence[Path], base: Any = None, w
     gen = torch.Generator()
     gen.manual_seed(int(seed))
     # options are checked by the method itself: a call on empty states validates them before any work
-    info.fn(MergeContext(states=[OrderedDict() for _ in paths], models=[None] * n, reference=None, spec=None, weights=w,
-                         data=None, base=None if base_reader is None else OrderedDict(), seed=int(seed), device=dev,
-                         generator=gen, example_inputs=None), **options)
+    info.fn(
+        MergeContext(
+            states=[OrderedDict() for _ in paths],
+            models=[None] * n,
+            reference=None,
+            spec=None,
+            weights=w,
+            data=None,
+            base=None if base_reader is None else OrderedDict(),
+            seed=int(seed),
+            device=dev,
+            generator=gen,
+            example_inputs=None,
+        ),
+        **options,
+    )
     keys = list(readers[0])
     shapes, dtypes = readers[0].shapes(), readers[0].dtypes()
     float_keys = [k for k in keys if dtypes[k].is_floating_point]
@@ -380,9 +438,19 @@ def stream_merge(*, info: MethodInfo, paths: Sequence[Path], base: Any = None, w
         method_log.update(extra)
         timings["prepass"] = time.perf_counter() - t0
 
-    settings = {"method": info.name, "options": options, "weights": w, "seed": int(seed), "device": str(dev),
-                "repair": None, "n_models": n, "inputs": [str(p) for p in paths],
-                "base": str(base) if base is not None else None, "streamed": True, "versions": versions()}
+    settings = {
+        "method": info.name,
+        "options": options,
+        "weights": w,
+        "seed": int(seed),
+        "device": str(dev),
+        "repair": None,
+        "n_models": n,
+        "inputs": [str(p) for p in paths],
+        "base": str(base) if base is not None else None,
+        "streamed": True,
+        "versions": versions(),
+    }
     metadata = {MERGE_METADATA_KEY: json.dumps(to_jsonable(settings), sort_keys=True)}
     t0 = time.perf_counter()
     peak_key_bytes, negative_var = 0, []
@@ -398,9 +466,19 @@ def stream_merge(*, info: MethodInfo, paths: Sequence[Path], base: Any = None, w
                 if base_reader is not None:
                     b = base_reader[key].to(dev)
                     _finite(b, key, "base", base_reader.path)
-                ctx = MergeContext(states=[{key: t} for t in ts], models=[None] * n, reference=None, spec=None,
-                                   weights=w, data=None, base=None if b is None else {key: b}, seed=int(seed),
-                                   device=dev, generator=gen, example_inputs=None)
+                ctx = MergeContext(
+                    states=[{key: t} for t in ts],
+                    models=[None] * n,
+                    reference=None,
+                    spec=None,
+                    weights=w,
+                    data=None,
+                    base=None if b is None else {key: b},
+                    seed=int(seed),
+                    device=dev,
+                    generator=gen,
+                    example_inputs=None,
+                )
                 res = info.fn(ctx, **options)
                 if not isinstance(res, MethodOutput) or key not in res.state_dict:
                     raise RuntimeError(f"method {info.name!r} returned no value for {key!r} when streaming")
@@ -420,10 +498,25 @@ def stream_merge(*, info: MethodInfo, paths: Sequence[Path], base: Any = None, w
     if negative_var:
         method_log["negative_running_var"] = negative_var
     read = sum(r.bytes_read for r in readers) + (base_reader.bytes_read if base_reader is not None else 0)
-    log_ = {"method": method_log, "timings": timings, "spec_source": None, "out": str(out), "streamed": True,
-            "bytes_read": read, "bytes_written": writer.bytes_written, "largest_key_bytes": peak_key_bytes,
-            "input_bytes": sum(r.nbytes() for r in readers) + (base_reader.nbytes() if base_reader is not None else 0)}
-    log.info("streamed %s over %d tensors: read %.1f MB, wrote %.1f MB in %.2f s", info.name, len(keys), read / 1e6,
-             writer.bytes_written / 1e6, timings["total"])
-    return MergeResult(model=None, state_dict=LazySafetensors(out), alignment=None, spec=None, settings=settings,
-                       log=log_)
+    log_ = {
+        "method": method_log,
+        "timings": timings,
+        "spec_source": None,
+        "out": str(out),
+        "streamed": True,
+        "bytes_read": read,
+        "bytes_written": writer.bytes_written,
+        "largest_key_bytes": peak_key_bytes,
+        "input_bytes": sum(r.nbytes() for r in readers) + (base_reader.nbytes() if base_reader is not None else 0),
+    }
+    log.info(
+        "streamed %s over %d tensors: read %.1f MB, wrote %.1f MB in %.2f s",
+        info.name,
+        len(keys),
+        read / 1e6,
+        writer.bytes_written / 1e6,
+        timings["total"],
+    )
+    return MergeResult(
+        model=None, state_dict=LazySafetensors(out), alignment=None, spec=None, settings=settings, log=log_
+    )

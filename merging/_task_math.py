@@ -8,6 +8,7 @@ merges and the streaming merger of checkpoints larger than memory (``merging._st
 * :func:`dare_drop` -- DARE's random drop and rescale, seeded per tensor by a stable hash;
 * :func:`elect_and_merge` -- TIES's sign election and disjoint mean (or sum).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,15 +19,25 @@ import torch
 
 from ._registry import MergeError
 
-__all__ = ["compute_dtype", "task_vector", "trim_threshold", "kth_largest_abs", "trim", "dare_drop",
-           "tensor_seed", "elect_and_merge", "check_density"]
+__all__ = [
+    "compute_dtype",
+    "task_vector",
+    "trim_threshold",
+    "kth_largest_abs",
+    "trim",
+    "dare_drop",
+    "tensor_seed",
+    "elect_and_merge",
+    "check_density",
+]
 
 
 def check_density(density: float, method: str) -> float:
     d = float(density)
     if not (0.0 < d <= 1.0) or math.isnan(d):
-        raise MergeError(f"option density of {method!r} must lie in (0, 1] (the fraction of each task vector kept), "
-                         f"got {density!r}")
+        raise MergeError(
+            f"option density of {method!r} must lie in (0, 1] (the fraction of each task vector kept), got {density!r}"
+        )
     return d
 
 
@@ -77,7 +88,7 @@ def trim_threshold(delta: torch.Tensor, density: float) -> float:
     k = keep_count(n, density, at_least_one=True)
     if k >= n:
         return 0.0
-    return float(torch.kthvalue(delta.reshape(-1).abs(), n - k + 1).values)   # k-th largest = (n-k+1)-th smallest
+    return float(torch.kthvalue(delta.reshape(-1).abs(), n - k + 1).values)  # k-th largest = (n-k+1)-th smallest
 
 
 def _bits(x: torch.Tensor, wide: bool) -> torch.Tensor:
@@ -86,8 +97,9 @@ def _bits(x: torch.Tensor, wide: bool) -> torch.Tensor:
     return a.to(torch.float64).view(torch.int64) if wide else a.to(torch.float32).view(torch.int32)
 
 
-def kth_largest_abs(passes: Callable[[], Iterable[Sequence[torch.Tensor]]], k: Sequence[int], *,
-                    wide: bool = False) -> List[float]:
+def kth_largest_abs(
+    passes: Callable[[], Iterable[Sequence[torch.Tensor]]], k: Sequence[int], *, wide: bool = False
+) -> List[float]:
     """Exact ``k[t]``-th largest ``|x|`` over every tensor of stream ``t``, by radix selection.
 
     ``passes()`` returns a fresh iterable; each item is a sequence with one tensor per stream (one per
@@ -101,8 +113,8 @@ def kth_largest_abs(passes: Callable[[], Iterable[Sequence[torch.Tensor]]], k: S
     """
     n_streams = len(k)
     total_bits = 64 if wide else 32
-    prefix = [0] * n_streams            # value of the digits found so far
-    remaining = [int(v) for v in k]     # rank still to find inside the current prefix
+    prefix = [0] * n_streams  # value of the digits found so far
+    remaining = [int(v) for v in k]  # rank still to find inside the current prefix
     active = [v > 0 for v in remaining]
     counts_total = None
     for p in range(total_bits // 16):
@@ -121,16 +133,16 @@ def kth_largest_abs(passes: Callable[[], Iterable[Sequence[torch.Tensor]]], k: S
                     b = b[(b >> (shift + 16)) == prefix[t]]
                 if b.numel():
                     digit = (b >> shift) & 0xFFFF
-                    hists[t] += torch.bincount(digit, minlength=65536).cpu()   # histogram on the data's device
+                    hists[t] += torch.bincount(digit, minlength=65536).cpu()  # histogram on the data's device
         if counts_total is None:
             counts_total = seen
             for t in range(n_streams):
                 if remaining[t] >= counts_total[t]:
-                    active[t] = False   # keep everything
+                    active[t] = False  # keep everything
         for t in range(n_streams):
             if not active[t]:
                 continue
-            suffix = hists[t].flip(0).cumsum(0).flip(0)   # suffix[d] = #entries with digit >= d
+            suffix = hists[t].flip(0).cumsum(0).flip(0)  # suffix[d] = #entries with digit >= d
             d = int((suffix >= remaining[t]).nonzero().max())
             above = int(suffix[d + 1]) if d + 1 < 65536 else 0
             remaining[t] -= above
@@ -156,7 +168,7 @@ def trim(delta: torch.Tensor, threshold: float, *, inplace: bool = False) -> tor
         return delta
     a = delta.abs()
     if float(torch.tensor(threshold, dtype=delta.dtype)) != threshold:
-        a = a.to(torch.float64)   # the threshold is not representable in delta's dtype: compare exactly
+        a = a.to(torch.float64)  # the threshold is not representable in delta's dtype: compare exactly
     drop = a < threshold
     del a
     return delta.masked_fill_(drop, 0) if inplace else delta.masked_fill(drop, 0)
@@ -221,7 +233,7 @@ def elect_and_merge(deltas: Sequence[torch.Tensor], coeffs: Sequence[float], mer
     gamma.sign_()
     num = torch.zeros_like(gamma)
     den = torch.zeros_like(gamma) if merge == "mean" else None
-    for d, c in zip(deltas, coeffs):   # a few full-size temporaries at a time (streaming keeps memory low)
+    for d, c in zip(deltas, coeffs):  # a few full-size temporaries at a time (streaming keeps memory low)
         m = torch.sign(d) == gamma
         m &= d != 0
         num.add_(d.masked_fill(~m, 0), alpha=c)

@@ -3,6 +3,7 @@
 Private to ``merging`` (used by :mod:`merging.weight_matching`, :mod:`merging.merge_many` and the
 benchmarks). See :func:`merging.weight_matching.weight_matching` for the algorithm and its guarantees.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,10 +36,10 @@ def isolate(t: torch.Tensor, ax: int, layout, path: Tuple[int, ...]) -> torch.Te
     for i in path:
         if lay.kind == "concat":
             off = sum(p.size for p in lay.parts[:i])
-            t = t[:, off:off + lay.parts[i].size]
+            t = t[:, off : off + lay.parts[i].size]
         elif lay.kind == "product":
             sizes = [p.size for p in lay.parts]
-            a, b = math.prod(sizes[:i]), math.prod(sizes[i + 1:])
+            a, b = math.prod(sizes[:i]), math.prod(sizes[i + 1 :])
             pre, _, post, r = t.shape
             t = t.reshape(pre * a, sizes[i], b * post, r)
         else:  # pragma: no cover - a path only goes through structured layouts
@@ -56,7 +57,7 @@ def permute_axes(t: torch.Tensor, layouts, perms: Perms, skip=None) -> torch.Ten
             continue
         if skip is not None and ax == skip[0]:
             p = dict(perms)
-            for g in ([skip[1]] if isinstance(skip[1], str) else skip[1]):
+            for g in [skip[1]] if isinstance(skip[1], str) else skip[1]:
                 p[g] = torch.arange(perms[g].numel(), device=perms[g].device)
             idx = lay.index(p, device=t.device)
         else:
@@ -176,9 +177,19 @@ def build_problem(spec, state_a, state_b, *, keys: Sequence[str], dtype=torch.fl
         if g not in self_coupled:
             nb.discard(g)
         neighbours[g] = tuple(sorted(nb))
-    return Problem(spec=spec, A=A, B=B, occs=occs, neighbours=neighbours, self_coupled=tuple(sorted(self_coupled)),
-                   keys_of={g: tuple(sorted(v)) for g, v in keys_of.items()}, dtype=dtype, device=device,
-                   versions={g: 0 for g in spec.groups}, heads=find_heads(spec, keys, self_coupled))
+    return Problem(
+        spec=spec,
+        A=A,
+        B=B,
+        occs=occs,
+        neighbours=neighbours,
+        self_coupled=tuple(sorted(self_coupled)),
+        keys_of={g: tuple(sorted(v)) for g, v in keys_of.items()},
+        dtype=dtype,
+        device=device,
+        versions={g: 0 for g in spec.groups},
+        heads=find_heads(spec, keys, self_coupled),
+    )
 
 
 def find_heads(spec, keys: Sequence[str], self_coupled=()) -> Dict[str, list]:
@@ -240,15 +251,16 @@ def head_block_step(prob: Problem, H: str, perms: Perms, method: str = "auto"):
             t = torch.einsum("iam,jbm->ijab", a, b).double()
             T[D] = T[D] + t if D in T else t
     V = V_fixed.clone()
-    for D, t in T.items():
+    for _D, t in T.items():
         d = t.shape[-1]
         res = linear_assignment(t.reshape(nH * nH, d, d), maximize=True, method=method)
         V += torch.as_tensor(res.objective, dtype=torch.float64, device=V.device).reshape(nH, nH)
     h = linear_assignment(V, maximize=True, method=method).col_ind.to(torch.long)
     new = {H: h}
     for D, t in T.items():
-        new[D] = linear_assignment(t[torch.arange(nH, device=t.device), h.to(t.device)].sum(0), maximize=True,
-                                   method=method).col_ind.to(torch.long)
+        new[D] = linear_assignment(
+            t[torch.arange(nH, device=t.device), h.to(t.device)].sum(0), maximize=True, method=method
+        ).col_ind.to(torch.long)
 
     def joint(p: Perms) -> float:
         hh = p[H].to(V.device)
@@ -305,7 +317,9 @@ def column_index(prob: Problem, occ: Occ, perms: Perms) -> torch.Tensor:
         for d, lay in enumerate(layouts):
             if d == ax:
                 continue
-            idx = lay.index(perms, device=prob.device) if lay is not None else torch.arange(shape[d], device=prob.device)
+            idx = (
+                lay.index(perms, device=prob.device) if lay is not None else torch.arange(shape[d], device=prob.device)
+            )
             col = (col.unsqueeze(-1) * shape[d] + idx).reshape(-1)
         col = col.reshape(-1)
         cols.append(col + off)
@@ -339,8 +353,10 @@ def _general_term(prob: Problem, occ: Occ, g: str, perms: Perms, use_cache: bool
     if use_cache and occ.cache is not None and occ.B_last is not None and occ.n_updates < prob.refresh:
         moved = (Bm != occ.B_last).any(0).nonzero().view(-1)
         if moved.numel() * 3 < Bm.shape[1]:
-            c = occ.cache + occ.A.index_select(1, moved) @ (Bm.index_select(1, moved)
-                                                            - occ.B_last.index_select(1, moved)).T
+            c = (
+                occ.cache
+                + occ.A.index_select(1, moved) @ (Bm.index_select(1, moved) - occ.B_last.index_select(1, moved)).T
+            )
             occ.n_updates += 1
             occ.B_last = Bm
             return c
@@ -353,7 +369,7 @@ def _general_term(prob: Problem, occ: Occ, g: str, perms: Perms, use_cache: bool
 def objective(prob: Problem, perms: Perms, keys: Optional[Sequence[str]] = None) -> float:
     """``sum_k <A_k, pi(B_k)>`` in float64 over the matched keys (or ``keys``)."""
     tot = 0.0
-    for k in (prob.A if keys is None else keys):
+    for k in prob.A if keys is None else keys:
         Bp = permute_axes(prob.B[k], prob.spec.axes[k], perms)
         tot += float((prob.A[k] * Bp).sum(dtype=torch.float64))  # products in the cost dtype, float64 sums
     return tot
@@ -381,7 +397,7 @@ def solve_batch(costs: Dict[str, torch.Tensor], method: str = "auto", workers=No
     for g, C in costs.items():
         by_size.setdefault(C.shape[0], []).append(g)
     out = {}
-    for n, gs in by_size.items():
+    for _n, gs in by_size.items():
         stack = torch.stack([costs[g] for g in gs]).double()
         res = linear_assignment(stack, maximize=True, method=method, workers=workers)
         cols = res.col_ind

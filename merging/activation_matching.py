@@ -22,6 +22,7 @@ Groups whose activation point does not expose exactly the group's units (attenti
 groups without a traced point) are aligned afterwards by weight matching with the activation-matched
 groups held fixed (``fallback="weight_matching"``), or kept at the identity (``fallback="identity"``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,13 +59,20 @@ def _similarity(cs, statistic: str, eps: float) -> torch.Tensor:
 def _stats(ctx, model_a, model_b, pts: Dict[str, tuple], max_batches) -> Dict[str, Any]:
     names = sorted({m for m, _ in pts.values()})
     fdims = {m: d for m, d in pts.values()}
-    return cross_stats(model_a, model_b, ctx.data, names, feature_dim=fdims, device=ctx.device,
-                       max_batches=max_batches, eps=0.0)
+    return cross_stats(
+        model_a, model_b, ctx.data, names, feature_dim=fdims, device=ctx.device, max_batches=max_batches, eps=0.0
+    )
 
 
-def align_activation_matching(ctx: MergeContext, statistic: str = "correlation", point: str = "last",
-                              sequential: bool = False, eps: float = 1e-4, max_batches: Optional[int] = None,
-                              fallback: str = "weight_matching") -> Alignment:
+def align_activation_matching(
+    ctx: MergeContext,
+    statistic: str = "correlation",
+    point: str = "last",
+    sequential: bool = False,
+    eps: float = 1e-4,
+    max_batches: Optional[int] = None,
+    fallback: str = "weight_matching",
+) -> Alignment:
     """Align ``states[1]`` to ``states[0]`` by activation matching (options as :func:`activation_matching`)."""
     if statistic not in ("correlation", "second_moment"):
         raise MergeError(f"statistic must be 'correlation' or 'second_moment', got {statistic!r}")
@@ -77,8 +85,10 @@ def align_activation_matching(ctx: MergeContext, statistic: str = "correlation",
     try:
         pts_all = group_points(spec, point)
     except Exception as e:  # noqa: BLE001
-        raise MergeError(f"activation_matching needs a traced spec with activation points ({e}); pass "
-                         "example_inputs= or data= instead of a hand-written spec, or use weight_matching") from e
+        raise MergeError(
+            f"activation_matching needs a traced spec with activation points ({e}); pass "
+            "example_inputs= or data= instead of a hand-written spec, or use weight_matching"
+        ) from e
     model_a = _module(ctx, ctx.states[0])
     model_b = _module(ctx, ctx.states[1])
     # keep only points whose feature axis holds exactly the group's units
@@ -108,7 +118,7 @@ def align_activation_matching(ctx: MergeContext, statistic: str = "correlation",
         by_size: Dict[int, List[str]] = {}
         for g, S in Ss.items():
             by_size.setdefault(S.shape[0], []).append(g)
-        for n, gs in by_size.items():
+        for _n, gs in by_size.items():
             res = linear_assignment(torch.stack([Ss[g] for g in gs]), maximize=True)
             for i, g in enumerate(gs):
                 perms[g] = res.col_ind[i].to(torch.long).cpu()
@@ -120,17 +130,38 @@ def align_activation_matching(ctx: MergeContext, statistic: str = "correlation",
         b_perm = permute(ctx.states[1], spec, {g: p.to(ctx.device) for g, p in perms.items()})
         rest = spec.without(*[g for g in spec.groups if g in pts])
         if len(rest.groups):
-            wm = match_weights(rest, ctx.states[0], b_perm, seed=ctx.seed, device=ctx.device,
-                               param_names=[k for k, _ in ctx.reference.named_parameters()])
+            wm = match_weights(
+                rest,
+                ctx.states[0],
+                b_perm,
+                seed=ctx.seed,
+                device=ctx.device,
+                param_names=[k for k, _ in ctx.reference.named_parameters()],
+            )
             extra = identity_permutation(spec)
             extra.update(wm.permutations)
             perms = compose_permutations(perms, extra)
             wm_log = {"groups": list(rest.groups), "objective": wm.objective}
-    settings = {"method": "activation_matching", "statistic": statistic, "point": point, "sequential": sequential,
-                "eps": eps, "max_batches": max_batches, "fallback": fallback, "seed": ctx.seed,
-                "device": str(ctx.device), "versions": versions()}
-    log_ = {"similarity": sims, "points": {g: list(p) for g, p in pts.items()}, "not_activation_matched": skipped,
-            "weight_matching_fallback": wm_log, "data_passes": passes, "seconds": time.perf_counter() - t0}
+    settings = {
+        "method": "activation_matching",
+        "statistic": statistic,
+        "point": point,
+        "sequential": sequential,
+        "eps": eps,
+        "max_batches": max_batches,
+        "fallback": fallback,
+        "seed": ctx.seed,
+        "device": str(ctx.device),
+        "versions": versions(),
+    }
+    log_ = {
+        "similarity": sims,
+        "points": {g: list(p) for g, p in pts.items()},
+        "not_activation_matched": skipped,
+        "weight_matching_fallback": wm_log,
+        "data_passes": passes,
+        "seconds": time.perf_counter() - t0,
+    }
     return Alignment(spec=spec, permutations=perms, objective=float(sum(sims.values())), settings=settings, log=log_)
 
 
@@ -139,9 +170,11 @@ def _execution_order(model: torch.nn.Module, ctx: MergeContext, names: List[str]
 
     order: Dict[str, int] = {}
     mods = dict(model.named_modules())
+
     def record(name):
         def hook(module, inputs, output):  # returns None: the output is left as it is
             order.setdefault(name, len(order))
+
         return hook
 
     hooks = [mods[n].register_forward_hook(record(n)) for n in names]
@@ -155,12 +188,23 @@ def _execution_order(model: torch.nn.Module, ctx: MergeContext, names: List[str]
     return order
 
 
-@register("activation_matching", needs=("spec", "data"), aligns=True, align_fn=align_activation_matching,
-          paper="Git Re-Basin activation matching (Ainsworth, Hayase & Srinivasa 2023, arXiv:2209.04836, eq. 1); "
-                "correlation statistic and sequential order of REPAIR (Jordan et al. 2023, arXiv:2211.08403)")
-def activation_matching(ctx: MergeContext, statistic: str = "correlation", point: str = "last",
-                        sequential: bool = False, eps: float = 1e-4, max_batches: Optional[int] = None,
-                        fallback: str = "weight_matching") -> MethodOutput:
+@register(
+    "activation_matching",
+    needs=("spec", "data"),
+    aligns=True,
+    align_fn=align_activation_matching,
+    paper="Git Re-Basin activation matching (Ainsworth, Hayase & Srinivasa 2023, arXiv:2209.04836, eq. 1); "
+    "correlation statistic and sequential order of REPAIR (Jordan et al. 2023, arXiv:2211.08403)",
+)
+def activation_matching(
+    ctx: MergeContext,
+    statistic: str = "correlation",
+    point: str = "last",
+    sequential: bool = False,
+    eps: float = 1e-4,
+    max_batches: Optional[int] = None,
+    fallback: str = "weight_matching",
+) -> MethodOutput:
     """Permute model_b into model_a's basis by activation matching on ``data``, then average.
 
     Options: ``statistic`` ("correlation" | "second_moment"), ``point`` ("last": after the
@@ -168,11 +212,19 @@ def activation_matching(ctx: MergeContext, statistic: str = "correlation", point
     already-permuted B), ``eps`` (1e-4, in the correlation's denominator), ``max_batches`` (None: one
     full pass), ``fallback`` ("weight_matching" | "identity") for groups without a usable point.
     """
-    aln = align_activation_matching(ctx, statistic=statistic, point=point, sequential=sequential, eps=eps,
-                                    max_batches=max_batches, fallback=fallback)
+    aln = align_activation_matching(
+        ctx,
+        statistic=statistic,
+        point=point,
+        sequential=sequential,
+        eps=eps,
+        max_batches=max_batches,
+        fallback=fallback,
+    )
     from weightspace.state import combine
 
     b_aligned = permute(ctx.states[1], ctx.spec, {g: p.to(ctx.device) for g, p in aln.permutations.items()})
     merged = combine([ctx.states[0], b_aligned], ctx.weights)
-    return MethodOutput(state_dict=merged, alignment=aln, endpoints=[ctx.states[0], b_aligned],
-                        log={"objective": aln.objective})
+    return MethodOutput(
+        state_dict=merged, alignment=aln, endpoints=[ctx.states[0], b_aligned], log={"objective": aln.objective}
+    )

@@ -10,6 +10,7 @@ and ``MethodOutput.endpoints`` holds the aligned models (REPAIR reads them).
 
 ``merging.merge(m1, m2, m3, method="weight_matching")`` runs this method with ``inner="weight_matching"``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,10 +36,16 @@ def _to(perms, device):
     return {g: p.to(device) for g, p in perms.items()}
 
 
-@register("merge_many", needs=("spec",), min_models=2,
-          paper="MergeMany (Ainsworth, Hayase & Srinivasa 2023, arXiv:2209.04836, Alg. 3): align each model to the "
-                "average of the others until the permutations stop changing, then average")
-def merge_many(ctx: MergeContext, inner: str = "weight_matching", max_rounds: int = 20, **inner_options: Any) -> MethodOutput:
+@register(
+    "merge_many",
+    needs=("spec",),
+    min_models=2,
+    paper="MergeMany (Ainsworth, Hayase & Srinivasa 2023, arXiv:2209.04836, Alg. 3): align each model to the "
+    "average of the others until the permutations stop changing, then average",
+)
+def merge_many(
+    ctx: MergeContext, inner: str = "weight_matching", max_rounds: int = 20, **inner_options: Any
+) -> MethodOutput:
     """Align every model to the running average of the others with ``inner``, then take the weighted average.
 
     Options: ``inner`` ("weight_matching") an aligning method; ``max_rounds`` (20) the most rounds;
@@ -49,7 +56,9 @@ def merge_many(ctx: MergeContext, inner: str = "weight_matching", max_rounds: in
         raise MergeError(f"merge_many needs an aligning inner method; {inner!r} does not align")
     bad = sorted(set(inner_options) - set(info.align_options))
     if bad:
-        raise MergeError(f"options {bad} are not options of {inner!r} alignment; its options: {sorted(info.align_options)}")
+        raise MergeError(
+            f"options {bad} are not options of {inner!r} alignment; its options: {sorted(info.align_options)}"
+        )
     if max_rounds < 1:
         raise MergeError(f"max_rounds must be >= 1, got {max_rounds}")
     spec, n, t0 = ctx.spec, len(ctx.states), time.perf_counter()
@@ -64,8 +73,9 @@ def merge_many(ctx: MergeContext, inner: str = "weight_matching", max_rounds: in
             wsum = sum(ctx.weights[j] for j in others)
             coeffs = [ctx.weights[j] / wsum if wsum > 0 else 1.0 / len(others) for j in others]
             target = combine([aligned[j] for j in others], coeffs)
-            sub = dataclasses.replace(ctx, states=[target, ctx.states[k]], models=[None, ctx.models[k]],
-                                      weights=[0.5, 0.5])
+            sub = dataclasses.replace(
+                ctx, states=[target, ctx.states[k]], models=[None, ctx.models[k]], weights=[0.5, 0.5]
+            )
             opts = dict(inner_options)
             if "init" in info.align_options and "init" not in opts:
                 opts["init"] = perms[k]  # warm start from the current permutation
@@ -83,10 +93,28 @@ def merge_many(ctx: MergeContext, inner: str = "weight_matching", max_rounds: in
     # report model 1 in model 0's basis, as two-model alignments do: pi_0^-1 then pi_1 ... expressed as B -> A
     inv0 = {g: torch.argsort(p) for g, p in perms[0].items()}
     rel = [compose_permutations(perms[k], inv0) for k in range(n)]
-    aln = Alignment(spec=spec, permutations=rel[1], objective=float("nan"),
-                    settings={"method": "merge_many", "inner": inner, "options": inner_options, "seed": ctx.seed,
-                              "versions": versions()},
-                    log={"rounds": rounds, "converged": converged, "permutations": perms, "relative_to_model_a": rel,
-                         "seconds": time.perf_counter() - t0})
-    return MethodOutput(state_dict=merged, alignment=aln, endpoints=aligned,
-                        log={"rounds": len(rounds), "converged": converged, "inner": inner})
+    aln = Alignment(
+        spec=spec,
+        permutations=rel[1],
+        objective=float("nan"),
+        settings={
+            "method": "merge_many",
+            "inner": inner,
+            "options": inner_options,
+            "seed": ctx.seed,
+            "versions": versions(),
+        },
+        log={
+            "rounds": rounds,
+            "converged": converged,
+            "permutations": perms,
+            "relative_to_model_a": rel,
+            "seconds": time.perf_counter() - t0,
+        },
+    )
+    return MethodOutput(
+        state_dict=merged,
+        alignment=aln,
+        endpoints=aligned,
+        log={"rounds": len(rounds), "converged": converged, "inner": inner},
+    )

@@ -62,7 +62,7 @@ PAPER = ("Singh & Jaggi 2020, 'Model Fusion via Optimal Transport', NeurIPS, arX
 
 
 # ------------------------------------------------------------------------------------------- costs
-def _producer_rows(state: Dict[str, torch.Tensor], spec: Any, roles: Dict[str, Tuple], group: str) -> Dict[str, torch.Tensor]:
+def _producer_rows(state: Dict[str, torch.Tensor], spec: Any, roles: Dict[str, Tuple], group: str) -> Dict[str, torch.Tensor]:  # noqa: E501
     """{key: (n, rest)} rows of every float tensor whose output (producer) axis is exactly ``group``."""
     out = {}
     for key, ax, path in spec.perm_to_axes[group]:
@@ -86,7 +86,7 @@ def _distance(X: torch.Tensor, Y: torch.Tensor, kind: str) -> torch.Tensor:
     return d.sqrt() if kind == "euclidean" else d
 
 
-def _weight_cost(src: Dict[str, torch.Tensor], tgt: Dict[str, torch.Tensor], kind: str, group: str) -> Tuple[torch.Tensor, List[str]]:
+def _weight_cost(src: Dict[str, torch.Tensor], tgt: Dict[str, torch.Tensor], kind: str, group: str) -> Tuple[torch.Tensor, List[str]]:  # noqa: E501
     keys = [k for k in tgt if k in src and src[k].shape[1] == tgt[k].shape[1]]
     if not keys:
         raise MergeError(f"ot_fusion: group {group!r} has no parameter rows comparable between the models "
@@ -267,7 +267,7 @@ def ot_fusion(ctx: MergeContext, ground_cost: str = "weights", cost: str = "sqeu
     if ground_cost == "activations" and ctx.data is None:
         raise MergeError("ot_fusion with ground_cost='activations' measures features: pass data=")
     states = ctx.states
-    same = all(set(s) == set(states[0]) and all(tuple(s[k].shape) == tuple(states[0][k].shape) for k in s) for s in states)
+    same = all(set(s) == set(states[0]) and all(tuple(s[k].shape) == tuple(states[0][k].shape) for k in s) for s in states)  # noqa: E501
     n = len(states)
     if target == "auto":
         t = 0 if same else min(range(n), key=lambda i: (_n_params(states[i]), i))
@@ -299,7 +299,7 @@ def ot_fusion(ctx: MergeContext, ground_cost: str = "weights", cost: str = "sqeu
     log_: Dict[str, Any] = {"target": t, "groups": {k: v for k, v in enumerate(infos) if k != t},
                             "same_shapes": same}
     if reset_bn_stats and ctx.data is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                                       for m in (modules[t].modules() if modules[t] is not None else ())):
+                                                       for m in (modules[t].modules() if modules[t] is not None else ())):  # noqa: E501
         fused = OrderedDict(recalibrate_bn(modules[t], ctx.data, fused, num_batches=max_batches, device=ctx.device))
         log_["bn_reset"] = True
     alignment = None

@@ -22,6 +22,7 @@ collapse"), which compounds with depth.
 Statistics are streamed in float64 (:func:`weightspace.features.activation_stats`, population std,
 features of conv maps reshaped to ``(N * H * W, C)``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,10 @@ def bn_reset(ctx: MergeContext, state: Dict[str, torch.Tensor]) -> Dict[str, tor
     """``state`` with every BatchNorm's statistics recomputed on ``ctx.data`` (one cumulative pass)."""
     ref = ctx.reference
     if not has_batchnorm(ref):
-        raise MergeError(f"repair='bn_reset' recomputes BatchNorm statistics, but {type(ref).__name__} has no "
-                         "BatchNorm layer tracking statistics; use repair='repair' (REPAIR works without BatchNorm)")
+        raise MergeError(
+            f"repair='bn_reset' recomputes BatchNorm statistics, but {type(ref).__name__} has no "
+            "BatchNorm layer tracking statistics; use repair='repair' (REPAIR works without BatchNorm)"
+        )
     return dict(recalibrate_bn(ref, ctx.data, state, device=ctx.device))
 
 
@@ -88,7 +91,9 @@ def _stats(model: nn.Module, data: Any, points: List[str], device) -> Dict[str, 
     return activation_stats(model, data, points, covariance=False, device=device)
 
 
-def repair_state(ctx: MergeContext, out: MethodOutput, min_std: float = 1e-8) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def repair_state(
+    ctx: MergeContext, out: MethodOutput, min_std: float = 1e-8
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """REPAIR (see the module docstring): the merged state with corrected affine modules, and a log."""
     from weightspace.symmetry import permute
 
@@ -107,8 +112,10 @@ def repair_state(ctx: MergeContext, out: MethodOutput, min_std: float = 1e-8) ->
     merged = _build_model(ctx.reference, out.state_dict).to(ctx.device).eval()
     points = _correctable(merged, ctx.data, ctx.device)
     if not points:
-        raise MergeError(f"repair='repair' found no Linear/conv layer with a bias or affine norm layer to correct in "
-                         f"{type(ctx.reference).__name__}")
+        raise MergeError(
+            f"repair='repair' found no Linear/conv layer with a bias or affine norm layer to correct in "
+            f"{type(ctx.reference).__name__}"
+        )
     goal_mu: Dict[str, torch.Tensor] = {}
     goal_sd: Dict[str, torch.Tensor] = {}
     for w, st in zip(ctx.weights, ends):
@@ -130,8 +137,14 @@ def repair_state(ctx: MergeContext, out: MethodOutput, min_std: float = 1e-8) ->
             b.copy_((s * (b.detach().double().cpu() - st.mean) + goal_mu[p]).to(device=b.device, dtype=b.dtype))
             scales[p] = {"mean_scale": float(s.mean()), "min_scale": float(s.min()), "max_scale": float(s.max())}
     state = {k: v.detach().clone() for k, v in state_of(merged).items()}
-    return state, {"kind": "repair", "points": points, "scales": scales, "endpoints": len(ends),
-                   "data_passes": len(ends) + len(points), "seconds": time.perf_counter() - t0}
+    return state, {
+        "kind": "repair",
+        "points": points,
+        "scales": scales,
+        "endpoints": len(ends),
+        "data_passes": len(ends) + len(points),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def apply_repair(kind: str, ctx: MergeContext, out: MethodOutput) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

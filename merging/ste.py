@@ -55,7 +55,7 @@ PAPER = ("Git Re-Basin straight-through estimator (Ainsworth, Hayase & Srinivasa
          "permutation kept")
 
 
-def _batches(data: Any, batch_size: Optional[int], gen: torch.Generator, device: torch.device) -> Iterator[Tuple[Any, Any]]:
+def _batches(data: Any, batch_size: Optional[int], gen: torch.Generator, device: torch.device) -> Iterator[Tuple[Any, Any]]:  # noqa: E501
     """A pair (X, Y) is shuffled with ``gen`` into mini-batches; other iterables are used as they are."""
     if isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0]) and batch_size:
         X, Y = data

@@ -44,6 +44,7 @@ the states; when streaming, ``merging._stream`` runs the exact radix selection o
 :func:`merging._task_math.kth_largest_abs` as two extra read passes over the inputs (four for float64
 checkpoints) before the merge pass.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,13 +68,18 @@ _RESCALES = ("inverse", "l1", "none")
 
 # Set by the streaming merger (which computes the global TIES thresholds in a pre-pass over the files).
 _GLOBAL_THRESHOLDS: contextvars.ContextVar[Optional[List[float]]] = contextvars.ContextVar(
-    "merging_ties_global_thresholds", default=None)
+    "merging_ties_global_thresholds", default=None
+)
 
 _TA_PAPER = "Task arithmetic: Ilharco et al. 2023, 'Editing models with task arithmetic', arXiv:2212.04089"
-_TIES_PAPER = ("TIES-Merging: Yadav et al. 2023, 'Resolving interference when merging models', arXiv:2306.01708 "
-               "(trim per_tensor = mergekit, global = paper/FusionBench; disjoint mean or sum)")
-_DARE_PAPER = ("DARE: Yu et al. 2024, 'Language models are Super Mario', arXiv:2311.03099 "
-               "(drop with p = 1 - density, rescale 1/density; mergekit's L1 rescale as rescale='l1')")
+_TIES_PAPER = (
+    "TIES-Merging: Yadav et al. 2023, 'Resolving interference when merging models', arXiv:2306.01708 "
+    "(trim per_tensor = mergekit, global = paper/FusionBench; disjoint mean or sum)"
+)
+_DARE_PAPER = (
+    "DARE: Yu et al. 2024, 'Language models are Super Mario', arXiv:2311.03099 "
+    "(drop with p = 1 - density, rescale 1/density; mergekit's L1 rescale as rescale='l1')"
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,17 +87,24 @@ _DARE_PAPER = ("DARE: Yu et al. 2024, 'Language models are Super Mario', arXiv:2
 # ------------------------------------------------------------------------------------------------
 def _base(ctx: MergeContext, method: str) -> Mapping[str, torch.Tensor]:
     if ctx.base is None:
-        raise MergeError(f"method {method!r} works on task vectors theta_k - theta_base and needs base= "
-                         "(the pretrained model the others were fine-tuned from)")
+        raise MergeError(
+            f"method {method!r} works on task vectors theta_k - theta_base and needs base= "
+            "(the pretrained model the others were fine-tuned from)"
+        )
     missing = [k for k in ctx.states[0] if k not in ctx.base]
     if missing:
-        raise MergeError(f"base lacks key {missing[0]!r} of model_a ({len(missing)} missing); base= must be the "
-                         "pretrained model of the same architecture")
+        raise MergeError(
+            f"base lacks key {missing[0]!r} of model_a ({len(missing)} missing); base= must be the "
+            "pretrained model of the same architecture"
+        )
     return ctx.base
 
 
-def _merge_keys(ctx: MergeContext, method: str, per_key: Callable[[str, List[torch.Tensor], torch.Tensor], torch.Tensor],
-                ) -> MethodOutput:
+def _merge_keys(
+    ctx: MergeContext,
+    method: str,
+    per_key: Callable[[str, List[torch.Tensor], torch.Tensor], torch.Tensor],
+) -> MethodOutput:
     """Apply ``per_key(key, deltas, base) -> tau`` to every floating key; assemble ``base + scaling * tau``
     (the caller's closure applies the scaling) in model_a's dtype."""
     base = _base(ctx, method)
@@ -109,8 +122,11 @@ def _merge_keys(ctx: MergeContext, method: str, per_key: Callable[[str, List[tor
         out[key] = merged.to(t0.dtype)
     logd: Dict[str, Any] = {"n_models": len(ctx.states), "coeffs": tm.relative_coeffs(ctx.weights)}
     if negative_var:
-        log.warning("%s left negative BatchNorm running variances in %s; pass repair='bn_reset' with data",
-                    method, negative_var[:5])
+        log.warning(
+            "%s left negative BatchNorm running variances in %s; pass repair='bn_reset' with data",
+            method,
+            negative_var[:5],
+        )
         logd["negative_running_var"] = negative_var
     return MethodOutput(state_dict=out, log=logd)
 
@@ -119,8 +135,9 @@ def _float_items(ctx: MergeContext) -> List[str]:
     return [k for k, v in ctx.states[0].items() if v.is_floating_point()]
 
 
-def global_thresholds(passes: Callable[[], Iterable[Sequence[torch.Tensor]]], counts: Sequence[int], density: float,
-                      *, wide: bool) -> List[float]:
+def global_thresholds(
+    passes: Callable[[], Iterable[Sequence[torch.Tensor]]], counts: Sequence[int], density: float, *, wide: bool
+) -> List[float]:
     """Per task, the ``floor(density * n_k)``-th largest ``|delta_k|`` over the whole task vector.
 
     ``passes()`` yields, per key, the list of task-vector tensors ``[delta_1, ..., delta_N]``; ``counts`` are
@@ -155,8 +172,12 @@ def _in_memory_thresholds(ctx: MergeContext, density: float) -> List[float]:
     return global_thresholds(passes, [n] * len(ctx.states), density, wide=wide)
 
 
-def _ties_stream_prepare(options: Mapping[str, Any], passes: Callable[[], Iterable[Sequence[torch.Tensor]]],
-                         counts: Sequence[int], wide: bool):
+def _ties_stream_prepare(
+    options: Mapping[str, Any],
+    passes: Callable[[], Iterable[Sequence[torch.Tensor]]],
+    counts: Sequence[int],
+    wide: bool,
+):
     """Hook for ``merging._stream``: a context manager under which per-key calls of ``ties`` use thresholds
     computed over the whole files (None when the options need no pre-pass)."""
     if options.get("trim", "per_tensor") != "global":
@@ -189,8 +210,9 @@ def task_arithmetic(ctx: MergeContext, scaling: float = 1.0) -> MethodOutput:
 
 
 @register("ties", paper=_TIES_PAPER, needs=("base",), elementwise=True, min_models=1)
-def ties(ctx: MergeContext, density: float = 0.2, scaling: float = 1.0, trim: str = "per_tensor",
-         merge: str = "mean") -> MethodOutput:
+def ties(
+    ctx: MergeContext, density: float = 0.2, scaling: float = 1.0, trim: str = "per_tensor", merge: str = "mean"
+) -> MethodOutput:
     """TIES-Merging: trim, elect sign, disjoint merge; ``theta = theta_base + scaling * tau``.
 
     1. Trim: ``hat_k = delta_k * [|delta_k| >= t_k]`` with ``t_k`` the ``k``-th largest magnitude, per tensor
@@ -231,12 +253,16 @@ def ties(ctx: MergeContext, density: float = 0.2, scaling: float = 1.0, trim: st
     return out
 
 
-def _dare(ctx: MergeContext, key: str, deltas: Sequence[torch.Tensor], density: float, rescale: str) -> List[torch.Tensor]:
+def _dare(
+    ctx: MergeContext, key: str, deltas: Sequence[torch.Tensor], density: float, rescale: str
+) -> List[torch.Tensor]:
     return [tm.dare_drop(d, density, tm.tensor_seed(ctx.seed, key, k), rescale) for k, d in enumerate(deltas)]
 
 
 @register("dare_linear", paper=_DARE_PAPER, needs=("base",), elementwise=True, min_models=1)
-def dare_linear(ctx: MergeContext, density: float = 0.5, scaling: float = 1.0, rescale: str = "inverse") -> MethodOutput:
+def dare_linear(
+    ctx: MergeContext, density: float = 0.5, scaling: float = 1.0, rescale: str = "inverse"
+) -> MethodOutput:
     """DARE + task arithmetic: ``theta = theta_base + scaling * sum_k c_k DARE(delta_k)``.
 
     ``DARE(delta) = m * delta * r`` with ``m ~ Bernoulli(density)`` per entry and ``r = 1/density``
@@ -257,10 +283,16 @@ def dare_linear(ctx: MergeContext, density: float = 0.5, scaling: float = 1.0, r
     return out
 
 
-@register("dare_ties", paper=_DARE_PAPER + "; sign election and disjoint merge of TIES (Yadav et al. 2023, "
-          "arXiv:2306.01708)", needs=("base",), elementwise=True, min_models=1)
-def dare_ties(ctx: MergeContext, density: float = 0.5, scaling: float = 1.0, rescale: str = "inverse",
-              merge: str = "mean") -> MethodOutput:
+@register(
+    "dare_ties",
+    paper=_DARE_PAPER + "; sign election and disjoint merge of TIES (Yadav et al. 2023, arXiv:2306.01708)",
+    needs=("base",),
+    elementwise=True,
+    min_models=1,
+)
+def dare_ties(
+    ctx: MergeContext, density: float = 0.5, scaling: float = 1.0, rescale: str = "inverse", merge: str = "mean"
+) -> MethodOutput:
     """DARE in place of TIES's trim, then TIES's sign election and disjoint merge.
 
     ``hat_k = DARE(delta_k)`` (see ``dare_linear``), ``gamma = sign(sum_k c_k hat_k)``, disjoint ``mean``

@@ -34,6 +34,7 @@ What this implementation adds to the reference algorithm (same fixed points):
 
 The per-sweep log records the objective (non-decreasing), the groups solved and the groups changed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,8 +64,15 @@ def _dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Generator, *, max_sweeps: int,
-             rtol: float, lap_method: str) -> Dict[str, Any]:
+def _descent(
+    prob: core.Problem,
+    perms: Dict[str, torch.Tensor],
+    gen: torch.Generator,
+    *,
+    max_sweeps: int,
+    rtol: float,
+    lap_method: str,
+) -> Dict[str, Any]:
     """Coordinate descent from ``perms`` (modified in place). Returns the log."""
     groups = list(prob.spec.groups)
     order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
@@ -124,21 +132,45 @@ def _descent(prob: core.Problem, perms: Dict[str, torch.Tensor], gen: torch.Gene
                     prob.versions[g] += 1
                     dirty.update(prob.neighbours[g])
                     changed.append(g)
-        sweeps.append({"sweep": sweep, "objective": obj, "solved": solved, "changed": len(changed),
-                       "seconds": time.perf_counter() - t0})
+        sweeps.append(
+            {
+                "sweep": sweep,
+                "objective": obj,
+                "solved": solved,
+                "changed": len(changed),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     else:
         converged = not dirty
     # per sweep: the running objective (float64 start + the accepted steps' gains, each > 0, so it never
     # decreases); the returned objective is recomputed in float64 from the final permutations
     obj = core.objective(prob, perms)
-    return {"sweeps": sweeps, "objective": obj, "objective_start": obj_start, "converged": converged, "n_assignments": n_lap,
-            "n_colors": len(classes)}
+    return {
+        "sweeps": sweeps,
+        "objective": obj,
+        "objective_start": obj_start,
+        "converged": converged,
+        "n_assignments": n_lap,
+        "n_colors": len(classes),
+    }
 
 
-def match_weights(spec, state_a, state_b, *, seed: int = 0, max_sweeps: int = 100, restarts: int = 1,
-                  init: Optional[Dict[str, torch.Tensor]] = None, dtype: str = "float32", rtol: Optional[float] = None,
-                  device: Any = None, param_names: Optional[Sequence[str]] = None,
-                  lap_method: str = "auto") -> Alignment:
+def match_weights(
+    spec,
+    state_a,
+    state_b,
+    *,
+    seed: int = 0,
+    max_sweeps: int = 100,
+    restarts: int = 1,
+    init: Optional[Dict[str, torch.Tensor]] = None,
+    dtype: str = "float32",
+    rtol: Optional[float] = None,
+    device: Any = None,
+    param_names: Optional[Sequence[str]] = None,
+    lap_method: str = "auto",
+) -> Alignment:
     """Weight matching of ``state_b`` onto ``state_a`` over ``spec`` (see the module docstring).
 
     Returns an :class:`~merging.Alignment` with CPU permutations, the best objective over restarts
@@ -169,15 +201,25 @@ def match_weights(spec, state_a, state_b, *, seed: int = 0, max_sweeps: int = 10
         run = _descent(prob, perms, gen, max_sweeps=max_sweeps, rtol=rtol, lap_method=lap_method)
         run["restart"] = r
         if r == 0:
-            obj_id = run["objective_start"] if init is None else core.objective(prob, identity_permutation_on(spec, dev))
+            obj_id = (
+                run["objective_start"] if init is None else core.objective(prob, identity_permutation_on(spec, dev))
+            )
         runs.append(run)
         if best is None or run["objective"] > best[0]:
             best = (run["objective"], {g: p.cpu() for g, p in perms.items()}, r)
     obj, perms, r_best = best
-    settings = {"method": "weight_matching", "seed": int(seed), "max_sweeps": max_sweeps, "restarts": restarts,
-                "dtype": dtype, "rtol": rtol, "device": str(dev), "keys": len(keys), "versions": versions()}
-    log_ = {"restarts": runs, "best_restart": r_best, "seconds": time.perf_counter() - t0,
-            "objective_identity": obj_id}
+    settings = {
+        "method": "weight_matching",
+        "seed": int(seed),
+        "max_sweeps": max_sweeps,
+        "restarts": restarts,
+        "dtype": dtype,
+        "rtol": rtol,
+        "device": str(dev),
+        "keys": len(keys),
+        "versions": versions(),
+    }
+    log_ = {"restarts": runs, "best_restart": r_best, "seconds": time.perf_counter() - t0, "objective_identity": obj_id}
     return Alignment(spec=spec, permutations=perms, objective=float(obj), settings=settings, log=log_)
 
 
@@ -185,8 +227,15 @@ def identity_permutation_on(spec, device) -> Dict[str, torch.Tensor]:
     return {g: p.to(device) for g, p in identity_permutation(spec).items()}
 
 
-def single_group_gains(spec, state_a, state_b, perms: Dict[str, torch.Tensor], *, dtype: str = "float64",
-                       param_names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+def single_group_gains(
+    spec,
+    state_a,
+    state_b,
+    perms: Dict[str, torch.Tensor],
+    *,
+    dtype: str = "float64",
+    param_names: Optional[Sequence[str]] = None,
+) -> Dict[str, float]:
     """For each group, the largest objective gain one optimal assignment of that group alone could bring
     (all others fixed). All ``<= 0`` (up to round-off) certifies a coordinate-wise local optimum."""
     keys = core.matched_keys(spec, state_a, param_names)
@@ -210,19 +259,46 @@ def _param_names(ctx: MergeContext) -> Optional[List[str]]:
     return None if ctx.reference is None else [k for k, _ in ctx.reference.named_parameters()]
 
 
-def align_weight_matching(ctx: MergeContext, max_sweeps: int = 100, restarts: int = 1, init: Any = None,
-                          dtype: str = "float32", rtol: Optional[float] = None) -> Alignment:
+def align_weight_matching(
+    ctx: MergeContext,
+    max_sweeps: int = 100,
+    restarts: int = 1,
+    init: Any = None,
+    dtype: str = "float32",
+    rtol: Optional[float] = None,
+) -> Alignment:
     """Align ``states[1]`` to ``states[0]`` by weight matching (options as :func:`weight_matching`)."""
-    return match_weights(ctx.spec, ctx.states[0], ctx.states[1], seed=ctx.seed, max_sweeps=max_sweeps,
-                         restarts=restarts, init=init, dtype=dtype, rtol=rtol, device=ctx.device,
-                         param_names=_param_names(ctx))
+    return match_weights(
+        ctx.spec,
+        ctx.states[0],
+        ctx.states[1],
+        seed=ctx.seed,
+        max_sweeps=max_sweeps,
+        restarts=restarts,
+        init=init,
+        dtype=dtype,
+        rtol=rtol,
+        device=ctx.device,
+        param_names=_param_names(ctx),
+    )
 
 
-@register("weight_matching", needs=("spec",), aligns=True, align_fn=align_weight_matching,
-          paper="Git Re-Basin weight matching (Ainsworth, Hayase & Srinivasa 2023, arXiv:2209.04836, Alg. 1): "
-                "coordinate descent of sum_k <W_A, pi(W_B)> over the spec's groups, one LAP per step")
-def weight_matching(ctx: MergeContext, max_sweeps: int = 100, restarts: int = 1, init: Any = None,
-                    dtype: str = "float32", rtol: Optional[float] = None) -> MethodOutput:
+@register(
+    "weight_matching",
+    needs=("spec",),
+    aligns=True,
+    align_fn=align_weight_matching,
+    paper="Git Re-Basin weight matching (Ainsworth, Hayase & Srinivasa 2023, arXiv:2209.04836, Alg. 1): "
+    "coordinate descent of sum_k <W_A, pi(W_B)> over the spec's groups, one LAP per step",
+)
+def weight_matching(
+    ctx: MergeContext,
+    max_sweeps: int = 100,
+    restarts: int = 1,
+    init: Any = None,
+    dtype: str = "float32",
+    rtol: Optional[float] = None,
+) -> MethodOutput:
     """Permute model_b into model_a's basis by weight matching, then take the weighted average.
 
     Options: ``max_sweeps`` (100) caps the sweeps of coordinate descent; ``restarts`` (1) runs of
@@ -234,5 +310,9 @@ def weight_matching(ctx: MergeContext, max_sweeps: int = 100, restarts: int = 1,
     aln = align_weight_matching(ctx, max_sweeps=max_sweeps, restarts=restarts, init=init, dtype=dtype, rtol=rtol)
     b_aligned = permute(ctx.states[1], ctx.spec, {g: p.to(ctx.device) for g, p in aln.permutations.items()})
     merged = combine([ctx.states[0], b_aligned], ctx.weights)
-    return MethodOutput(state_dict=merged, alignment=aln, endpoints=[ctx.states[0], b_aligned],
-                        log={"objective": aln.objective, "sweeps": len(aln.log["restarts"][aln.log["best_restart"]]["sweeps"])})
+    return MethodOutput(
+        state_dict=merged,
+        alignment=aln,
+        endpoints=[ctx.states[0], b_aligned],
+        log={"objective": aln.objective, "sweeps": len(aln.log["restarts"][aln.log["best_restart"]]["sweeps"])},
+    )

@@ -113,7 +113,7 @@ def _joint_covariances(models: List[nn.Module], data: Any, points: Dict[str, Tup
     N = len(models)
     # one pass per set of points without conflicting feature dims on one module
     passes: List[Dict[str, int]] = []
-    for g, (mod, dim) in points.items():
+    for _g, (mod, dim) in points.items():
         for p in passes:
             if p.get(mod, dim) == dim:
                 p[mod] = dim

@@ -18,6 +18,7 @@ The output is written atomically and never replaces an input or an existing file
 the latter); method, options, weights, seed, inputs and library versions go into the safetensors metadata
 (key ``weightspace.merge``, JSON). Every check runs before anything is computed or written.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,22 +44,34 @@ def add_parser(subparsers) -> Any:
     """Register ``merge`` on the ``weightspace`` command's subparsers."""
     import argparse
 
-    p = subparsers.add_parser("merge", help="merge two or more checkpoints (streams elementwise methods)",
-                              description="\n\n".join(__doc__.split("\n\n")[1:3]) if __doc__ else None,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "merge",
+        help="merge two or more checkpoints (streams elementwise methods)",
+        description="\n\n".join(__doc__.split("\n\n")[1:3]) if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("inputs", nargs="+", help="checkpoints to merge (.safetensors or .pt state dicts), model_a first")
     p.add_argument("--out", required=True, help="merged checkpoint to write (.safetensors recommended)")
     p.add_argument("--method", default="average", help="a method of merging.methods() (default average)")
-    p.add_argument("--model", default=None, help="model factory pkg.module:callable (or a zoo name); needed by "
-                                                   "methods that permute units and by --data/--repair")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model factory pkg.module:callable (or a zoo name); needed by "
+        "methods that permute units and by --data/--repair",
+    )
     p.add_argument("--model-kwargs", default=None, help="JSON keyword arguments for the factory")
     p.add_argument("--input-shape", default=None, help="example input shape for tracing, e.g. 2,64 or 1,3,32,32")
     p.add_argument("--input-dtype", choices=("float32", "long"), default="float32")
     p.add_argument("--input-high", type=int, default=100, help="exclusive upper bound for --input-dtype long")
     p.add_argument("--base", default=None, help="pretrained checkpoint, for task-vector methods")
     p.add_argument("--data", default=None, choices=("digits",), help="embedded data: digits (scikit-learn)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, repeatable (values parsed as JSON when possible: 0.2, true, \"x\")")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='a method option, repeatable (values parsed as JSON when possible: 0.2, true, "x")',
+    )
     p.add_argument("--weights", default=None, help="comma-separated weights, one per input, summing to 1")
     p.add_argument("--alpha", type=float, default=None, help="two inputs: weight of the second, in [0, 1]")
     p.add_argument("--repair", default=None, choices=("bn_reset", "repair"), help="needs --model and --data")
@@ -93,8 +106,10 @@ def parse_options(items: Sequence[str], valid: Dict[str, Any], method: str) -> D
         if not sep or not key:
             raise CLIError(f"--option {item!r} is not KEY=VALUE (e.g. --option density=0.2)")
         if key not in valid:
-            raise CLIError(f"--option {key}: method {method!r} has no option {key!r}; its options are "
-                           f"{', '.join(f'{k} (default {v!r})' for k, v in valid.items()) or 'none'}")
+            raise CLIError(
+                f"--option {key}: method {method!r} has no option {key!r}; its options are "
+                f"{', '.join(f'{k} (default {v!r})' for k, v in valid.items()) or 'none'}"
+            )
         if key in out:
             raise CLIError(f"--option {key} is given twice")
         out[key] = _parse_value(value)
@@ -154,7 +169,9 @@ def _example(args, model: torch.nn.Module) -> Any:
         try:
             shape = tuple(int(s) for s in args.input_shape.replace("x", ",").split(",") if s.strip())
         except ValueError:
-            raise CLIError(f"--input-shape must be comma-separated integers such as 2,64, got {args.input_shape!r}") from None
+            raise CLIError(
+                f"--input-shape must be comma-separated integers such as 2,64, got {args.input_shape!r}"
+            ) from None
         if not shape or any(s < 1 for s in shape):
             raise CLIError(f"--input-shape must be positive integers, got {args.input_shape!r}")
         g = torch.Generator().manual_seed(args.seed)
@@ -200,24 +217,37 @@ def run(args) -> int:
         raise CLIError(f"method {info.name!r} does not use --base")
     out, report = _check_paths(args, inputs, base)
     valid = dict(info.options)
-    if len(inputs) >= 3 and info.aligns and "merge_many" in methods:   # merge() runs MergeMany around the method
+    if len(inputs) >= 3 and info.aligns and "merge_many" in methods:  # merge() runs MergeMany around the method
         valid = {**{k: v for k, v in methods["merge_many"].options.items() if k != "inner"}, **info.align_options}
     options = parse_options(args.option, valid, info.name)
     wkw = _weights(args, len(inputs))
     needs_model = (not info.elementwise) or args.repair is not None or args.data is not None or "spec" in info.needs
     if needs_model and not args.model:
-        why = ("it permutes hidden units and needs the permutation spec" if not info.elementwise else
-               "--repair/--data run the model")
-        raise CLIError(f"method {info.name!r} with these arguments needs --model pkg.module:callable (and --input-shape "
-                       f"unless it is a zoo model): {why}")
+        why = (
+            "it permutes hidden units and needs the permutation spec"
+            if not info.elementwise
+            else "--repair/--data run the model"
+        )
+        raise CLIError(
+            f"method {info.name!r} with these arguments needs --model pkg.module:callable (and --input-shape "
+            f"unless it is a zoo model): {why}"
+        )
     if "data" in info.needs and args.data is None:
         raise CLIError(f"method {info.name!r} is data-driven: pass --data digits")
     if args.repair is not None and args.data is None:
         raise CLIError(f"--repair {args.repair} measures activations: pass --data digits")
     common = dict(method=info.name, seed=args.seed, device=args.device, **wkw, **options)
-    meta_settings = {"method": info.name, "options": {**valid, **options}, "seed": args.seed,
-                     "inputs": [p.name for p in inputs], "base": base.name if base else None, "repair": args.repair,
-                     "device": args.device, **wkw, "versions": versions()}
+    meta_settings = {
+        "method": info.name,
+        "options": {**valid, **options},
+        "seed": args.seed,
+        "inputs": [p.name for p in inputs],
+        "base": base.name if base else None,
+        "repair": args.repair,
+        "device": args.device,
+        **wkw,
+        "versions": versions(),
+    }
 
     metrics: Dict[str, Dict[str, float]] = {}
     res = None
@@ -235,8 +265,9 @@ def run(args) -> int:
             stages["merge"] = time.perf_counter() - t0
             inner = dict(res.log.get("timings", {}))
             t0 = time.perf_counter()
-            io.save_state_dict(res.state_dict, out, {_METADATA_KEY: json.dumps(to_jsonable(meta_settings))},
-                               overwrite=args.overwrite)
+            io.save_state_dict(
+                res.state_dict, out, {_METADATA_KEY: json.dumps(to_jsonable(meta_settings))}, overwrite=args.overwrite
+            )
             stages["write"] = time.perf_counter() - t0
     else:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -254,8 +285,9 @@ def run(args) -> int:
         stages["merge"] = time.perf_counter() - t0
         inner = dict(res.log.get("timings", {}))
         t0 = time.perf_counter()
-        io.save_state_dict(res.state_dict, out, {_METADATA_KEY: json.dumps(to_jsonable(meta_settings))},
-                           overwrite=args.overwrite)
+        io.save_state_dict(
+            res.state_dict, out, {_METADATA_KEY: json.dumps(to_jsonable(meta_settings))}, overwrite=args.overwrite
+        )
         stages["write"] = time.perf_counter() - t0
         if test is not None:
             from weightspace.state import evaluate
@@ -275,12 +307,16 @@ def run(args) -> int:
             stages["evaluate"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- summary
-    lines = [f"merged {len(inputs)} checkpoints with {info.name}: {info.paper}",
-             f"options: {json.dumps(to_jsonable({**valid, **options}))}; seed {args.seed}"]
+    lines = [
+        f"merged {len(inputs)} checkpoints with {info.name}: {info.paper}",
+        f"options: {json.dumps(to_jsonable({**valid, **options}))}; seed {args.seed}",
+    ]
     if res.log.get("streamed"):
         lg = res.log
-        lines.append(f"streamed: read {lg['bytes_read'] / 2**20:.1f} MiB in all from {lg['input_bytes'] / 2**20:.1f} MiB of inputs, "
-                     f"wrote {lg['bytes_written'] / 2**20:.1f} MiB; largest working set {lg['largest_key_bytes'] / 2**20:.2f} MiB")
+        lines.append(
+            f"streamed: read {lg['bytes_read'] / 2**20:.1f} MiB in all from {lg['input_bytes'] / 2**20:.1f} MiB of inputs, "  # noqa: E501
+            f"wrote {lg['bytes_written'] / 2**20:.1f} MiB; largest working set {lg['largest_key_bytes'] / 2**20:.2f} MiB"  # noqa: E501
+        )
     if res.alignment is not None and math.isfinite(float(res.alignment.objective)):
         lines.append(f"alignment objective: {float(res.alignment.objective):.6g}")
     if metrics:
@@ -289,12 +325,19 @@ def run(args) -> int:
         if "merged" in metrics:
             w = res.settings.get("weights") or [1 / len(inputs)] * len(inputs)
             mean_loss = sum(wk * metrics[p.name]["loss"] for wk, p in zip(w, inputs))
-            lines.append(f"merge barrier (test loss of the merge - weighted mean of the inputs'): "
-                         f"{metrics['merged']['loss'] - mean_loss:.4f}")
+            lines.append(
+                f"merge barrier (test loss of the merge - weighted mean of the inputs'): "
+                f"{metrics['merged']['loss'] - mean_loss:.4f}"
+            )
     stages["total"] = time.perf_counter() - t_start
-    lines.append("time: " + ", ".join(
-        f"{k} {v:.2f} s" + (" (" + ", ".join(f"{ik} {iv:.2f} s" for ik, iv in inner.items()) + ")"
-                            if k == "merge" and inner else "") for k, v in stages.items()))
+    lines.append(
+        "time: "
+        + ", ".join(
+            f"{k} {v:.2f} s"
+            + (" (" + ", ".join(f"{ik} {iv:.2f} s" for ik, iv in inner.items()) + ")" if k == "merge" and inner else "")
+            for k, v in stages.items()
+        )
+    )
     lines.append(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB)")
     for line in lines:
         say(line)
@@ -303,8 +346,10 @@ def run(args) -> int:
 
         rep = viz.Report(f"weightspace merge: {info.name}")
         rep.add_text("\n".join(lines), title="Summary")
-        rep.add_text(json.dumps(to_jsonable({"settings": res.settings, "log": res.log}), indent=1, default=str),
-                     title="Settings and log")
+        rep.add_text(
+            json.dumps(to_jsonable({"settings": res.settings, "log": res.log}), indent=1, default=str),
+            title="Settings and log",
+        )
         if curves:
             rep.add(viz.barrier_figure(curves, metric="loss", split="test"), title="Test loss along the linear path")
         rep.write(report, overwrite=args.overwrite)

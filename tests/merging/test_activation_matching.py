@@ -1,4 +1,5 @@
 """Activation matching: planted permutations on data, sequential == joint, SciPy optimum of one group."""
+
 import numpy as np
 import pytest
 import torch
@@ -38,8 +39,9 @@ def test_planted_permutations_recovered_on_data(arch, statistic, digits):
         assert aln.log["not_activation_matched"] and aln.log["weight_matching_fallback"] is not None
     # negative control: matching without the fallback leaves those groups at the identity
     if aln.log["not_activation_matched"]:
-        ident = merging.align(m, mb, method="activation_matching", data=data, spec=spec, fallback="identity",
-                              device="cpu")
+        ident = merging.align(
+            m, mb, method="activation_matching", data=data, spec=spec, fallback="identity", device="cpu"
+        )
         assert any(not torch.equal(ident.permutations[g], inv[g]) for g in aln.log["not_activation_matched"])
 
 

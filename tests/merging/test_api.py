@@ -1,4 +1,5 @@
 """merging.merge / merging.align / the registry: contract, closed forms and bad input."""
+
 import json
 
 import pytest

@@ -1,4 +1,5 @@
 """MergeMany: planted copies collapse to one model, convergence, routing from merge()."""
+
 import pytest
 import torch
 

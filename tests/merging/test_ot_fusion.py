@@ -102,7 +102,7 @@ def test_different_widths_exact_marginals_target_shapes_and_better_than_truncati
         zoo.train(m, (Xtr, Ytr), epochs=4, seed=s)
     res = merging.merge(wide, narrow, method="ot_fusion", example_inputs=Xtr[:2])
     assert res.log["method"]["target"] == 1
-    assert {k: tuple(v.shape) for k, v in res.state_dict.items()} == {k: tuple(v.shape) for k, v in narrow.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in res.state_dict.items()} == {k: tuple(v.shape) for k, v in narrow.state_dict().items()}  # noqa: E501
     assert isinstance(res.model, zoo.MLP) and res.model.fc[0].out_features == 24
     # the plan itself: exact marginals 1/48 (rows) and 1/24 (columns)
     sw, sn = wide.state_dict(), narrow.state_dict()

@@ -1,4 +1,5 @@
 """REPAIR and BN reset: goal statistics reached exactly, endpoints reproduced, BN networks."""
+
 import pytest
 import torch
 
@@ -24,8 +25,16 @@ def _goal(ends, weights, data, pts):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_repair_reaches_interpolated_statistics_without_batchnorm(alpha, digits):
     a, b = zoo.make("mlp", hidden=(32, 32), seed=0), zoo.make("mlp", hidden=(32, 32), seed=1)
-    res = merging.merge(a, b, method="weight_matching", example_inputs=digits[0][:2], data=digits, repair="repair",
-                        alpha=alpha, device="cpu")
+    res = merging.merge(
+        a,
+        b,
+        method="weight_matching",
+        example_inputs=digits[0][:2],
+        data=digits,
+        repair="repair",
+        alpha=alpha,
+        device="cpu",
+    )
     pts = res.log["repair"]["points"]
     assert pts == ["fc.0", "fc.1"]  # the head (model output) is not touched
     mu, sd = _goal([a, res.alignment.apply(b)], [1 - alpha, alpha], digits, pts)

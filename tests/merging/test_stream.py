@@ -1,5 +1,6 @@
 """Streaming merges of safetensors files: a valid incremental writer, lazy reads, results equal to the
 in-memory merge, one key in memory at a time, clear refusals with nothing written."""
+
 import json
 import os
 import weakref
@@ -16,14 +17,16 @@ safetensors = pytest.importorskip("safetensors")
 
 
 def _state(g, dtype=torch.float32):
-    return OrderedDict([
-        ("enc.weight", torch.randn(12, 9, generator=g).to(dtype)),
-        ("enc.bias", torch.randn(12, generator=g).to(dtype)),
-        ("bn.running_mean", torch.randn(12, generator=g).to(dtype)),
-        ("bn.num_batches_tracked", torch.tensor(5)),
-        ("head.weight", torch.randn(4, 12, generator=g).to(dtype)),
-        ("scalar", torch.randn((), generator=g).to(dtype)),
-    ])
+    return OrderedDict(
+        [
+            ("enc.weight", torch.randn(12, 9, generator=g).to(dtype)),
+            ("enc.bias", torch.randn(12, generator=g).to(dtype)),
+            ("bn.running_mean", torch.randn(12, generator=g).to(dtype)),
+            ("bn.num_batches_tracked", torch.tensor(5)),
+            ("head.weight", torch.randn(4, 12, generator=g).to(dtype)),
+            ("scalar", torch.randn((), generator=g).to(dtype)),
+        ]
+    )
 
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16])
@@ -31,8 +34,13 @@ def ckpts(tmp_path, request):
     g = torch.Generator().manual_seed(0)
     dtype = request.param
     base = _state(g, dtype)
-    fts = [OrderedDict((k, (v.float() + 0.3 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v)
-                       for k, v in base.items()) for _ in range(3)]
+    fts = [
+        OrderedDict(
+            (k, (v.float() + 0.3 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v)
+            for k, v in base.items()
+        )
+        for _ in range(3)
+    ]
     io.save_state_dict(base, tmp_path / "base.safetensors")
     paths = []
     for i, ft in enumerate(fts):
@@ -53,24 +61,31 @@ def test_writer_produces_valid_safetensors_in_order(tmp_path):
     from safetensors import safe_open
 
     g = torch.Generator().manual_seed(1)
-    tensors = OrderedDict([("z.last_first", torch.randn(3, 4, generator=g)), ("a.half", torch.randn(5, generator=g).half()),
-                           ("m.bf16", torch.randn(2, 2, 2, generator=g).bfloat16()), ("i.long", torch.arange(7)),
-                           ("b.bool", torch.tensor([True, False, True])), ("s.scalar", torch.tensor(2.5, dtype=torch.float64)),
-                           ("e.empty", torch.zeros(0, 3))])
+    tensors = OrderedDict(
+        [
+            ("z.last_first", torch.randn(3, 4, generator=g)),
+            ("a.half", torch.randn(5, generator=g).half()),
+            ("m.bf16", torch.randn(2, 2, 2, generator=g).bfloat16()),
+            ("i.long", torch.arange(7)),
+            ("b.bool", torch.tensor([True, False, True])),
+            ("s.scalar", torch.tensor(2.5, dtype=torch.float64)),
+            ("e.empty", torch.zeros(0, 3)),
+        ]
+    )
     path = tmp_path / "w.safetensors"
     with _stream.StreamWriter(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], {"note": "x"}) as w:
         for k, v in tensors.items():
             w.write(k, v)
-    with safe_open(str(path), framework="pt") as f:     # the reference reader accepts the file
+    with safe_open(str(path), framework="pt") as f:  # the reference reader accepts the file
         assert f.metadata()["note"] == "x"
         for k, v in tensors.items():
             assert torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype
-    back = io.load_state_dict(path)                     # and weightspace.io keeps our key order
+    back = io.load_state_dict(path)  # and weightspace.io keeps our key order
     assert list(back) == list(tensors)
     lazy = _stream.LazySafetensors(path)
     assert list(lazy) == list(tensors) and lazy.shapes()["m.bf16"] == (2, 2, 2)
     assert all(torch.equal(lazy[k], v) for k, v in tensors.items())
-    assert _files(tmp_path) == ["w.safetensors"]        # no temporary file left
+    assert _files(tmp_path) == ["w.safetensors"]  # no temporary file left
 
 
 def test_writer_failures_leave_nothing(tmp_path):
@@ -115,9 +130,14 @@ def test_reader_rejects_corrupt_and_pickled_files(tmp_path, ckpts):
 # --------------------------------------------------------------------------------------------------
 # streamed merge == in-memory merge
 # --------------------------------------------------------------------------------------------------
-CASES = [("average", {}), ("task_arithmetic", {"scaling": 0.4}), ("ties", {"density": 0.3}),
-         ("ties", {"density": 0.3, "trim": "global", "merge": "sum"}), ("dare_linear", {"density": 0.6}),
-         ("dare_ties", {"density": 0.5, "rescale": "l1"})]
+CASES = [
+    ("average", {}),
+    ("task_arithmetic", {"scaling": 0.4}),
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.3, "trim": "global", "merge": "sum"}),
+    ("dare_linear", {"density": 0.6}),
+    ("dare_ties", {"density": 0.5, "rescale": "l1"}),
+]
 
 
 @pytest.mark.parametrize("method,opts", CASES)
@@ -133,7 +153,7 @@ def test_streamed_equals_in_memory(ckpts, method, opts):
     for k, v in mem.state_dict.items():
         assert written[k].dtype == fts[0][k].dtype
         assert torch.equal(written[k], v.to(written[k].dtype)), k
-        assert torch.equal(res.state_dict[k], written[k])      # the lazy result reads the file
+        assert torch.equal(res.state_dict[k], written[k])  # the lazy result reads the file
     if opts.get("trim") == "global":
         assert res.log["method"]["global_thresholds"] == mem.log["method"]["global_thresholds"]
     meta = json.loads(io.read_metadata(out)[_stream.MERGE_METADATA_KEY])
@@ -159,7 +179,7 @@ def test_streaming_holds_one_key_at_a_time(ckpts, monkeypatch):
     merging.merge(*paths, base=d / "base.safetensors", method="ties", trim="global", out=d / "m.safetensors")
     # before each read at most the other tensors of the same key are alive: 3 models + the base
     assert 1 <= max_alive[0] <= len(paths)
-    assert len(live) > 4 * len(paths)                             # it did read everything (3 passes)
+    assert len(live) > 4 * len(paths)  # it did read everything (3 passes)
 
 
 def test_result_to_dict_reads_no_tensor(ckpts):
@@ -202,8 +222,8 @@ def test_streaming_refusals_write_nothing(ckpts):
         merging.merge(*paths, method="average", out=paths[1].parent / "base.safetensors")
     with pytest.raises(ValueError, match="density"):
         merging.merge(*paths, base=d / "base.safetensors", method="ties", density=2.0, out=out)
-    assert _files(d) == before                            # no output, no temporary file
-    assert torch.equal(io.load_state_dict(paths[0])["enc.weight"], fts[0]["enc.weight"])   # inputs intact
+    assert _files(d) == before  # no output, no temporary file
+    assert torch.equal(io.load_state_dict(paths[0])["enc.weight"], fts[0]["enc.weight"])  # inputs intact
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """Task-vector merges (task_arithmetic, ties, dare_linear, dare_ties) against closed forms and against
 independent re-implementations of the mergekit and FusionBench conventions (REFERENCES §2.8)."""
+
 from collections import OrderedDict
 
 import pytest
@@ -24,8 +25,10 @@ SHAPES = {"l1.weight": (7, 5), "l1.bias": (7,), "l2.weight": (3, 7), "l2.bias": 
 def task_models():
     g = torch.Generator().manual_seed(0)
     base = _rand_state(g, SHAPES)
-    fts = [OrderedDict((k, v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)) for k, v in base.items())
-           for _ in range(3)]
+    fts = [
+        OrderedDict((k, v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)) for k, v in base.items())
+        for _ in range(3)
+    ]
     return base, fts
 
 
@@ -55,14 +58,17 @@ def test_task_arithmetic_closed_form_and_weights(task_models):
 D = torch.tensor([[1.0, -2.0, 3.0, 0.5], [2.0, 1.5, -1.0, -0.5], [-4.0, 3.0, -1.0, 0.5]], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("density,merge_mode,expected", [
-    # no trim: sums (-1, 2.5, 1, .5) elect (-, +, +, +)
-    (1.0, "mean", [-4.0, 2.25, 3.0, 0.5]),
-    (1.0, "sum", [-4.0, 4.5, 3.0, 1.0]),
-    # density .5 keeps the 2 largest |.| per task: (0,-2,3,0), (2,1.5,0,0), (-4,3,0,0); sums (-2, 2.5, 3, 0)
-    (0.5, "mean", [-4.0, 2.25, 3.0, 0.0]),
-    (0.5, "sum", [-4.0, 4.5, 3.0, 0.0]),
-])
+@pytest.mark.parametrize(
+    "density,merge_mode,expected",
+    [
+        # no trim: sums (-1, 2.5, 1, .5) elect (-, +, +, +)
+        (1.0, "mean", [-4.0, 2.25, 3.0, 0.5]),
+        (1.0, "sum", [-4.0, 4.5, 3.0, 1.0]),
+        # density .5 keeps the 2 largest |.| per task: (0,-2,3,0), (2,1.5,0,0), (-4,3,0,0); sums (-2, 2.5, 3, 0)
+        (0.5, "mean", [-4.0, 2.25, 3.0, 0.0]),
+        (0.5, "sum", [-4.0, 4.5, 3.0, 0.0]),
+    ],
+)
 def test_ties_closed_form(density, merge_mode, expected):
     b = torch.tensor([10.0, 20.0, 30.0, 40.0], dtype=torch.float64)
     base = {"w": b}
@@ -76,7 +82,10 @@ def test_ties_closed_form(density, merge_mode, expected):
 
 def test_ties_global_differs_from_per_tensor_closed_form():
     base = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
-    ft = {"a": torch.tensor([5.0, -1.0, 0.2], dtype=torch.float64), "b": torch.tensor([-3.0, 0.1, 2.0], dtype=torch.float64)}
+    ft = {
+        "a": torch.tensor([5.0, -1.0, 0.2], dtype=torch.float64),
+        "b": torch.tensor([-3.0, 0.1, 2.0], dtype=torch.float64),
+    }
     # global: 6 entries, density .5 -> the 3 largest |.| of the whole vector: 5, -3, 2
     g = _merge(ft, base=base, method="ties", density=0.5, trim="global")
     torch.testing.assert_close(g["a"], torch.tensor([5.0, 0, 0], dtype=torch.float64), rtol=0, atol=0)
@@ -129,7 +138,7 @@ def _fusionbench_ties(base, fts, density, lam):
     out, i = {}, 0
     for k in keys:
         m = base[k].numel()
-        out[k] = base[k] + lam * merged[i:i + m].reshape(base[k].shape)
+        out[k] = base[k] + lam * merged[i : i + m].reshape(base[k].shape)
         i += m
     return out
 
@@ -174,7 +183,7 @@ def test_ties_invariant_to_model_order_with_weights(task_models):
 def test_global_threshold_equals_topk(dtype):
     g = torch.Generator().manual_seed(1)
     chunks = [torch.randn(s, generator=g).to(dtype) for s in [(300,), (40, 25), (7,), (2, 3, 50)]]
-    chunks[1][:5, :] = 0.0                      # exact zeros and duplicates
+    chunks[1][:5, :] = 0.0  # exact zeros and duplicates
     chunks[2][:] = chunks[0][:7]
     vals = torch.cat([c.reshape(-1).to(torch.float64) for c in chunks]).abs()
     n = vals.numel()
@@ -213,15 +222,15 @@ def test_dare_drop_rate_rescale_and_seeding():
     n = kept.numel()
     frac = kept.float().mean().item()
     sd = (density * (1 - density) / n) ** 0.5
-    assert abs(frac - density) < 6 * sd                       # Bernoulli(density) keep rate
-    torch.testing.assert_close(out[kept], ft["w"][kept] / density, rtol=1e-6, atol=0)   # 1/density rescale
+    assert abs(frac - density) < 6 * sd  # Bernoulli(density) keep rate
+    torch.testing.assert_close(out[kept], ft["w"][kept] / density, rtol=1e-6, atol=0)  # 1/density rescale
     again = _merge(ft, base=base, method="dare_linear", density=density, seed=5)["w"]
-    assert torch.equal(out, again)                              # one seed, one result
+    assert torch.equal(out, again)  # one seed, one result
     other = _merge(ft, base=base, method="dare_linear", density=density, seed=6)["w"]
-    assert not torch.equal(other != 0, kept)                    # another seed, another mask
+    assert not torch.equal(other != 0, kept)  # another seed, another mask
     l1 = _merge(ft, base=base, method="dare_linear", density=density, seed=5, rescale="l1")["w"]
-    torch.testing.assert_close(l1.abs().sum(), ft["w"].abs().sum(), rtol=1e-5, atol=0)   # mergekit's norm match
-    assert torch.equal(l1 != 0, kept)                           # same mask, other rescale
+    torch.testing.assert_close(l1.abs().sum(), ft["w"].abs().sum(), rtol=1e-5, atol=0)  # mergekit's norm match
+    assert torch.equal(l1 != 0, kept)  # same mask, other rescale
     none = _merge(ft, base=base, method="dare_linear", density=density, seed=5, rescale="none")["w"]
     torch.testing.assert_close(none[kept], ft["w"][kept], rtol=0, atol=0)
 
@@ -238,12 +247,17 @@ def test_dare_masks_independent_of_key_order_and_subsets(task_models):
     base, fts = task_models
     full = _merge(*fts, base=base, method="dare_ties", density=0.4, seed=3)
     keys = list(base)[::-1]
-    rev = _merge(*[OrderedDict((k, ft[k]) for k in keys) for ft in fts], base=OrderedDict((k, base[k]) for k in keys),
-                 method="dare_ties", density=0.4, seed=3)
+    rev = _merge(
+        *[OrderedDict((k, ft[k]) for k in keys) for ft in fts],
+        base=OrderedDict((k, base[k]) for k in keys),
+        method="dare_ties",
+        density=0.4,
+        seed=3,
+    )
     for k in base:
         assert torch.equal(full[k], rev[k])
         sub = _merge(*[{k: ft[k]} for ft in fts], base={k: base[k]}, method="dare_ties", density=0.4, seed=3)
-        assert torch.equal(sub[k], full[k])      # elementwise: one key alone gives the same values (streaming)
+        assert torch.equal(sub[k], full[k])  # elementwise: one key alone gives the same values (streaming)
 
 
 def test_density_one_reduces_dare_to_plain_methods(task_models):
@@ -274,8 +288,8 @@ def test_modules_and_integer_buffers():
     before = {k: v.clone() for k, v in a.state_dict().items()}
     res = merging.merge(a, b, base=base, method="ties", density=0.5)
     assert isinstance(res.model, torch.nn.Sequential)
-    assert int(res.state_dict["1.num_batches_tracked"]) == 7           # integer buffers from model_a
-    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())   # inputs untouched
+    assert int(res.state_dict["1.num_batches_tracked"]) == 7  # integer buffers from model_a
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())  # inputs untouched
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,7 +312,7 @@ def test_errors_name_the_problem(task_models):
     with pytest.raises(ValueError, match="merge"):
         merging.merge(*fts, base=base, method="ties", merge="max")
     with pytest.raises(ValueError, match="lamda"):
-        merging.merge(*fts, base=base, method="ties", lamda=0.3)       # unknown option listed
+        merging.merge(*fts, base=base, method="ties", lamda=0.3)  # unknown option listed
     bad_base = dict(base)
     bad_base.pop("l2.bias")
     with pytest.raises(ValueError, match="l2.bias"):
@@ -307,22 +321,33 @@ def test_errors_name_the_problem(task_models):
 
 def test_registry_records_papers():
     ms = merging.methods()
-    for name, arxiv in (("task_arithmetic", "2212.04089"), ("ties", "2306.01708"), ("dare_linear", "2311.03099"),
-                        ("dare_ties", "2311.03099")):
+    for name, arxiv in (
+        ("task_arithmetic", "2212.04089"),
+        ("ties", "2306.01708"),
+        ("dare_linear", "2311.03099"),
+        ("dare_ties", "2311.03099"),
+    ):
         info = ms[name]
         assert arxiv in info.paper and info.needs == ("base",) and info.elementwise
     assert ms["ties"].options == {"density": 0.2, "scaling": 1.0, "trim": "per_tensor", "merge": "mean"}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method,opts", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
-                                         ("ties", {"density": 0.3, "trim": "global"}), ("dare_linear", {}),
-                                         ("dare_ties", {"rescale": "l1"})])
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("task_arithmetic", {}),
+        ("ties", {"density": 0.3}),
+        ("ties", {"density": 0.3, "trim": "global"}),
+        ("dare_linear", {}),
+        ("dare_ties", {"rescale": "l1"}),
+    ],
+)
 def test_cuda_matches_cpu(task_models, method, opts):
     base, fts = task_models
     cpu = merging.merge(*fts, base=base, method=method, device="cpu", seed=1, **opts)
     gpu = merging.merge(*fts, base=base, method=method, device="cuda", seed=1, **opts)
-    for k in base:   # same masks and thresholds (selection is exact), sums up to float64 round-off
+    for k in base:  # same masks and thresholds (selection is exact), sums up to float64 round-off
         torch.testing.assert_close(gpu.state_dict[k].cpu(), cpu.state_dict[k], rtol=0, atol=1e-12)
     if opts.get("trim") == "global":
         assert gpu.log["method"]["global_thresholds"] == cpu.log["method"]["global_thresholds"]

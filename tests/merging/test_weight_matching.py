@@ -1,4 +1,5 @@
 """Weight matching: planted permutations, SciPy optimum, identity, local optimality, monotone log."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,12 +22,19 @@ def _hf(kind):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if kind == "bert":
-        cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=20)
+        cfg = transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=20,
+        )
         m = transformers.BertModel(cfg)
     else:
-        cfg = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=20,
-                                      bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(
+            vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=20, bos_token_id=0, eos_token_id=0
+        )
         m = transformers.GPT2Model(cfg)
     return m.eval(), {"input_ids": torch.randint(0, 50, (2, 7))}
 
@@ -79,8 +87,11 @@ def test_single_hidden_layer_equals_scipy_optimum():
     a, b = zoo.make("mlp", hidden=(48,), seed=0), zoo.make("mlp", hidden=(48,), seed=1)
     sa = {k: v.double() for k, v in a.state_dict().items()}
     sb = {k: v.double() for k, v in b.state_dict().items()}
-    C = (sa["fc.0.weight"] @ sb["fc.0.weight"].T + torch.outer(sa["fc.0.bias"], sb["fc.0.bias"])
-         + sa["head.weight"].T @ sb["head.weight"]).numpy()
+    C = (
+        sa["fc.0.weight"] @ sb["fc.0.weight"].T
+        + torch.outer(sa["fc.0.bias"], sb["fc.0.bias"])
+        + sa["head.weight"].T @ sb["head.weight"]
+    ).numpy()
     r, c = linear_sum_assignment(C, maximize=True)
     aln = merging.align(a, b, example_inputs=torch.zeros(1, 64), device="cpu", dtype="float64")
     (g,) = aln.spec.groups
@@ -111,7 +122,9 @@ def test_converged_alignment_is_a_local_optimum_and_log_is_monotone(arch):
     ident = ws.identity_permutation(spec)
     assert max(single_group_gains(spec, state_of(a), state_of(b), ident, param_names=names).values()) > 1e-3
     for run in aln.log["restarts"]:
-        objs = [aln.log["objective_identity"] if run["restart"] == 0 else -np.inf] + [s["objective"] for s in run["sweeps"]]
+        objs = [aln.log["objective_identity"] if run["restart"] == 0 else -np.inf] + [
+            s["objective"] for s in run["sweeps"]
+        ]
         assert all(y >= x - 1e-9 * abs(x) for x, y in zip(objs, objs[1:]))
         assert run["converged"]
     assert aln.objective == max(r["objective"] for r in aln.log["restarts"])

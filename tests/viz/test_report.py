@@ -126,11 +126,13 @@ def test_refuses_overwrite_missing_dir_and_writes_atomically(results, tmp_path, 
     viz.Report().add(fig).write(target, overwrite=True)
     assert "Plotly.newPlot" in target.read_text()
 
+    from weightspace.io import OutputPathError
+
     missing = tmp_path / "no" / "such"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    with pytest.raises(OutputPathError, match=re.escape(str(missing))):
         viz.Report().write(missing / "r.html")
     assert not (tmp_path / "no").exists()  # never created
-    with pytest.raises(FileExistsError, match="directory"):
+    with pytest.raises(OutputPathError, match="directory"):
         viz.Report().write(tmp_path)
 
     def boom(*a, **k):

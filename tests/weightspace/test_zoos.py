@@ -5,6 +5,7 @@ Oracles: recorded accuracies equal a fresh evaluation of each rebuilt network; n
 trips; shared-init INRs differ from their permuted versions by exactly the recorded permutation,
 which equals ws.permute and leaves the function unchanged.
 """
+
 import json
 from pathlib import Path
 
@@ -39,7 +40,12 @@ def test_recorded_targets_equal_fresh_evaluation(tiny_zoo):
         r = z.metadata[i]
         assert (logits.argmax(1) == Yte).float().mean().item() == pytest.approx(r["test_accuracy"], abs=1e-9)
         assert F.cross_entropy(logits, Yte).item() == pytest.approx(r["test_loss"], rel=1e-4)
-        assert 5e-4 <= r["lr"] <= 5e-2 and 1e-6 <= r["weight_decay"] <= 1e-2 and 0.3 <= r["init_scale"] <= 2 and 3 <= r["steps"] <= 6
+        assert (
+            5e-4 <= r["lr"] <= 5e-2
+            and 1e-6 <= r["weight_decay"] <= 1e-2
+            and 0.3 <= r["init_scale"] <= 2
+            and 3 <= r["steps"] <= 6
+        )
     # training moved every net away from its (scaled) initialisation
     init = zoo.DigitsCNN(8, 2, seed=z.metadata[0]["seed"]).state_dict()
     assert not torch.allclose(init["head.weight"] * z.metadata[0]["init_scale"], z.states[0]["head.weight"])

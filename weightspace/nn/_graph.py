@@ -37,6 +37,7 @@ would gain fused sparse kernels (``torch_scatter``/``pyg-lib``), neighbour sampl
 do not fit in memory, and its library of convolutions (PNAConv with degree scalers, GATv2,
 TransformerConv) to swap in; for the graphs of small networks plain torch is adequate.
 """
+
 from __future__ import annotations
 
 import copy
@@ -79,7 +80,9 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-def _scatter(src: torch.Tensor, index: torch.Tensor, n: int, how: str, count: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _scatter(
+    src: torch.Tensor, index: torch.Tensor, n: int, how: str, count: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Aggregate rows of ``src`` (M, d) into ``n`` rows by ``index`` (M,): mean / max / sum / std."""
     d = src.shape[1]
     if how == "max":
@@ -101,13 +104,28 @@ class GraphEncoder(nn.Module):
     """Initial node and edge states of a graph batch (see the module docstring), shared by
     :class:`GraphProcessor` and :class:`~weightspace.nn.RelationalTransformer`."""
 
-    def __init__(self, node_dim: int, edge_dim_hidden: int, node_features: Sequence[str] = ("bias",), edge_dim: int = 9,
-                 max_depth: int = 64, max_io: int = 256, positions: str = "io") -> None:
+    def __init__(
+        self,
+        node_dim: int,
+        edge_dim_hidden: int,
+        node_features: Sequence[str] = ("bias",),
+        edge_dim: int = 9,
+        max_depth: int = 64,
+        max_io: int = 256,
+        positions: str = "io",
+    ) -> None:
         super().__init__()
         if positions not in ("io", "all"):
-            raise ValueError(f"positions must be 'io' (input/output units only; equivariant) or 'all' (an ablation that breaks the symmetry), got {positions!r}")
+            raise ValueError(
+                f"positions must be 'io' (input/output units only; equivariant) or 'all' (an ablation that breaks the symmetry), got {positions!r}"  # noqa: E501
+            )
         self.node_features = tuple(node_features)
-        self.edge_dim, self.max_depth, self.max_io, self.positions = int(edge_dim), int(max_depth), int(max_io), positions
+        self.edge_dim, self.max_depth, self.max_io, self.positions = (
+            int(edge_dim),
+            int(max_depth),
+            int(max_io),
+            positions,
+        )
         self.node_in = nn.Linear(max(1, len(self.node_features)), node_dim)
         self.edge_in = nn.Linear(self.edge_dim, edge_dim_hidden)
         self.node_type = nn.Embedding(len(NODE_TYPES), node_dim)
@@ -121,29 +139,45 @@ class GraphEncoder(nn.Module):
 
     def check(self, batch: Any) -> None:
         if isinstance(batch, (list, tuple)):
-            raise GraphInputError("graph processors take a batch of tensors: pass ws.NeuralGraph.batch(graphs), not a list of graphs")
+            raise GraphInputError(
+                "graph processors take a batch of tensors: pass ws.NeuralGraph.batch(graphs), not a list of graphs"
+            )
         if not isinstance(batch, GraphTensors):
-            raise GraphInputError(f"expected a GraphTensors batch (ws.NeuralGraph.batch(graphs)), got {type(batch).__name__}")
+            raise GraphInputError(
+                f"expected a GraphTensors batch (ws.NeuralGraph.batch(graphs)), got {type(batch).__name__}"
+            )
         if batch.num_graphs < 1 or batch.x.shape[0] == 0:
             raise GraphInputError("the graph batch is empty (no graphs or no nodes); pass at least one non-empty graph")
         missing = [f for f in self.node_features if f not in batch.node_feature_names]
         if missing:
-            raise GraphInputError(f"node feature(s) {missing} are needed but no graph in the batch has them (it has {list(batch.node_feature_names)}); "
-                                  f"build the processor with node_features= listing features the graphs carry (e.g. node_features=() for bias-free networks)")
+            raise GraphInputError(
+                f"node feature(s) {missing} are needed but no graph in the batch has them (it has {list(batch.node_feature_names)}); "  # noqa: E501
+                f"build the processor with node_features= listing features the graphs carry (e.g. node_features=() for bias-free networks)"  # noqa: E501
+            )
         extra = [f for f in batch.node_feature_names if f not in self.node_features]
         if extra:
-            raise GraphInputError(f"the graphs carry node feature(s) {extra} that this processor was not built for; pass "
-                                  f"node_features={tuple(self.node_features) + tuple(extra)} so none is silently dropped")
+            raise GraphInputError(
+                f"the graphs carry node feature(s) {extra} that this processor was not built for; pass "
+                f"node_features={tuple(self.node_features) + tuple(extra)} so none is silently dropped"
+            )
         if batch.edge_attr.shape[1] > self.edge_dim:
-            raise GraphInputError(f"edges carry {batch.edge_attr.shape[1]} values (e.g. a conv kernel or a flattened block) but edge_dim={self.edge_dim}; "
-                                  f"build the processor with edge_dim>={batch.edge_attr.shape[1]}")
+            raise GraphInputError(
+                f"edges carry {batch.edge_attr.shape[1]} values (e.g. a conv kernel or a flattened block) but edge_dim={self.edge_dim}; "  # noqa: E501
+                f"build the processor with edge_dim>={batch.edge_attr.shape[1]}"
+            )
         if batch.edge_index.shape[1] == 0:
-            raise GraphInputError("the graph batch has no edges (networks without parameters between units); nothing to process")
+            raise GraphInputError(
+                "the graph batch has no edges (networks without parameters between units); nothing to process"
+            )
         io = (batch.node_type == NODE_TYPES.index("input")) | (batch.node_type == NODE_TYPES.index("output"))
         if int(batch.depth.max()) >= self.max_depth:
-            raise GraphInputError(f"a graph is {int(batch.depth.max()) + 1} layers deep but max_depth={self.max_depth}; build the processor with a larger max_depth")
+            raise GraphInputError(
+                f"a graph is {int(batch.depth.max()) + 1} layers deep but max_depth={self.max_depth}; build the processor with a larger max_depth"  # noqa: E501
+            )
         if bool(io.any()) and int(batch.position[io].max()) >= self.max_io:
-            raise GraphInputError(f"an input/output layer has {int(batch.position[io].max()) + 1} units but max_io={self.max_io}; build the processor with a larger max_io")
+            raise GraphInputError(
+                f"an input/output layer has {int(batch.position[io].max()) + 1} units but max_io={self.max_io}; build the processor with a larger max_io"  # noqa: E501
+            )
         if not torch.isfinite(batch.x).all() or not torch.isfinite(batch.edge_attr).all():
             raise GraphInputError("the graph batch has non-finite node or edge features (NaN/inf weights)")
 
@@ -151,10 +185,16 @@ class GraphEncoder(nn.Module):
         self.check(batch)
         dev, dt = self.node_in.weight.device, self.node_in.weight.dtype
         cols = [batch.node_feature_names.index(f) for f in self.node_features]
-        x = batch.x[:, cols].to(device=dev, dtype=dt) if cols else torch.zeros(batch.x.shape[0], 1, device=dev, dtype=dt)
+        x = (
+            batch.x[:, cols].to(device=dev, dtype=dt)
+            if cols
+            else torch.zeros(batch.x.shape[0], 1, device=dev, dtype=dt)
+        )
         ntype, depth, pos = batch.node_type.to(dev), batch.depth.to(dev), batch.position.to(dev)
         gid = batch.batch.to(dev)
-        maxd = torch.zeros(batch.num_graphs, dtype=torch.long, device=dev).scatter_reduce(0, gid, depth, reduce="amax", include_self=True)
+        maxd = torch.zeros(batch.num_graphs, dtype=torch.long, device=dev).scatter_reduce(
+            0, gid, depth, reduce="amax", include_self=True
+        )
         h = self.node_in(x) + self.node_type(ntype) + self.depth(depth) + self.rdepth(maxd[gid] - depth)
         is_in = (ntype == NODE_TYPES.index("input")).unsqueeze(1)
         is_out = (ntype == NODE_TYPES.index("output")).unsqueeze(1)
@@ -186,7 +226,9 @@ class _MPLayer(nn.Module):
         hs, hd = hn[src], hn[dst]
         mf = self.msg_f(torch.cat([hs, hd, e], 1))
         mb = self.msg_b(torch.cat([hd, hs, e], 1))
-        agg = [_scatter(mf, dst, n, a, cnt_in) for a in self.aggs] + [_scatter(mb, src, n, a, cnt_out) for a in self.aggs]
+        agg = [_scatter(mf, dst, n, a, cnt_in) for a in self.aggs] + [
+            _scatter(mb, src, n, a, cnt_out) for a in self.aggs
+        ]
         h = h + self.upd(torch.cat([hn] + agg, 1))
         hn = self.ln_h(h)
         e = e + self.edge_upd(torch.cat([self.ln_e(e), hn[src], hn[dst]], 1))
@@ -201,8 +243,14 @@ class GraphReadout(nn.Module):
         self.mlp = _mlp([2 * d + de, d, int(out_features)])
 
     def forward(self, h, e, node_graph, edge_graph, num_graphs):
-        feats = torch.cat([_scatter(h, node_graph, num_graphs, "mean"), _scatter(h, node_graph, num_graphs, "max"),
-                           _scatter(e, edge_graph, num_graphs, "mean")], 1)
+        feats = torch.cat(
+            [
+                _scatter(h, node_graph, num_graphs, "mean"),
+                _scatter(h, node_graph, num_graphs, "max"),
+                _scatter(e, edge_graph, num_graphs, "mean"),
+            ],
+            1,
+        )
         return self.mlp(feats)
 
 
@@ -224,9 +272,20 @@ class GraphProcessor(nn.Module):
     Input: ``ws.NeuralGraph.batch(graphs)``; graphs of different architectures may be mixed.
     """
 
-    def __init__(self, out_features: Optional[int] = 1, hidden_channels: int = 32, num_layers: int = 4, *,
-                 edge_channels: Optional[int] = None, node_features: Sequence[str] = ("bias",), edge_dim: int = 9,
-                 aggregators: Sequence[str] = ("mean", "max"), max_depth: int = 64, max_io: int = 256, positions: str = "io") -> None:
+    def __init__(
+        self,
+        out_features: Optional[int] = 1,
+        hidden_channels: int = 32,
+        num_layers: int = 4,
+        *,
+        edge_channels: Optional[int] = None,
+        node_features: Sequence[str] = ("bias",),
+        edge_dim: int = 9,
+        aggregators: Sequence[str] = ("mean", "max"),
+        max_depth: int = 64,
+        max_io: int = 256,
+        positions: str = "io",
+    ) -> None:
         super().__init__()
         bad = [a for a in aggregators if a not in AGGREGATORS]
         if bad or not aggregators:
@@ -268,7 +327,10 @@ class GraphProcessor(nn.Module):
 
 # -- graphs <-> state dicts -------------------------------------------------------------------------
 
-def graph_outputs_to_state_dicts(graphs: Sequence[NeuralGraph], output: GraphOutput, *, residual: bool = False) -> List[Dict[str, torch.Tensor]]:
+
+def graph_outputs_to_state_dicts(
+    graphs: Sequence[NeuralGraph], output: GraphOutput, *, residual: bool = False
+) -> List[Dict[str, torch.Tensor]]:
     """Turn equivariant outputs on ``ws.NeuralGraph.batch(graphs)`` back into one state dict per graph.
 
     Edge values (E, >= K_g) replace graph ``g``'s ``K_g`` edge features, node values replace the node
@@ -282,24 +344,28 @@ def graph_outputs_to_state_dicts(graphs: Sequence[NeuralGraph], output: GraphOut
     N = sum(g.num_nodes for g in graphs)
     E = sum(g.num_edges for g in graphs)
     if output.nodes.shape[0] != N or output.edges.shape[0] != E:
-        raise GraphInputError(f"outputs have {output.nodes.shape[0]} nodes and {output.edges.shape[0]} edges but the graphs have {N} and {E}; "
-                              "pass the graphs in the order they were batched")
+        raise GraphInputError(
+            f"outputs have {output.nodes.shape[0]} nodes and {output.edges.shape[0]} edges but the graphs have {N} and {E}; "  # noqa: E501
+            "pass the graphs in the order they were batched"
+        )
     K = max(g.edge_attr.shape[1] for g in graphs)
     if output.edges.shape[1] < K:
-        raise GraphInputError(f"edge outputs have {output.edges.shape[1]} channels but the graphs' edges carry up to {K}")
+        raise GraphInputError(
+            f"edge outputs have {output.edges.shape[1]} channels but the graphs' edges carry up to {K}"
+        )
     nodes, edges = output.nodes.detach().cpu(), output.edges.detach().cpu()
     out = []
     n0 = e0 = 0
     for g in graphs:
         new = copy.copy(g)
         k = g.edge_attr.shape[1]
-        ev = edges[e0:e0 + g.num_edges, :k].to(g.edge_attr.dtype)
+        ev = edges[e0 : e0 + g.num_edges, :k].to(g.edge_attr.dtype)
         new.edge_attr = g.edge_attr + ev if residual else ev.clone()
         x = g.x.clone()
         for j, name in enumerate(output.node_features):
             cols = [c for c, nm in enumerate(g.node_feature_names) if nm == name or nm.startswith(name + "[")]
             for c in cols[:1]:  # vector node features take the first column only when a scalar name is given
-                v = nodes[n0:n0 + g.num_nodes, j].to(x.dtype)
+                v = nodes[n0 : n0 + g.num_nodes, j].to(x.dtype)
                 x[:, c] = x[:, c] + v if residual else v
         new.x = x
         out.append(new.to_state_dict())
@@ -308,7 +374,9 @@ def graph_outputs_to_state_dicts(graphs: Sequence[NeuralGraph], output: GraphOut
     return out
 
 
-def graphs_from_states(model: nn.Module, example_inputs: Any, states: Sequence[Mapping[str, torch.Tensor]]) -> List[NeuralGraph]:
+def graphs_from_states(
+    model: nn.Module, example_inputs: Any, states: Sequence[Mapping[str, torch.Tensor]]
+) -> List[NeuralGraph]:
     """``NeuralGraph`` of ``model``'s architecture for each state dict in ``states``: traced once,
     then filled with each state's values (equal to ``NeuralGraph.from_model`` on each loaded model,
     without re-tracing). Every state must have ``model``'s keys and shapes."""
@@ -319,7 +387,9 @@ def graphs_from_states(model: nn.Module, example_inputs: Any, states: Sequence[M
         missing = [k for k in meta if k not in sd]
         extra = [k for k in sd if k not in meta]
         if missing or extra:
-            raise GraphInputError(f"state {i} does not match the model: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+            raise GraphInputError(
+                f"state {i} does not match the model: missing keys {missing[:5]}, unexpected keys {extra[:5]}"
+            )
         for k, (shape, _) in meta.items():
             if tuple(sd[k].shape) != tuple(shape):
                 raise GraphInputError(f"state {i}: {k!r} has shape {tuple(sd[k].shape)}, the model has {tuple(shape)}")
@@ -328,7 +398,7 @@ def graphs_from_states(model: nn.Module, example_inputs: Any, states: Sequence[M
         for eb, (e0, n, k) in zip(tmpl._edges, tmpl._edge_rows):
             if eb.key is None or eb.key not in sd or eb.key in tmpl.extras:
                 continue
-            ea[e0:e0 + n, :k] = sd[eb.key].detach().reshape(-1)[eb.entries].reshape(n, k).to(ea.dtype)
+            ea[e0 : e0 + n, :k] = sd[eb.key].detach().reshape(-1)[eb.entries].reshape(n, k).to(ea.dtype)
         x = tmpl.x.clone()
         for nf in tmpl._node_feats:
             if nf.key is None or nf.key not in sd or nf.key in tmpl.extras:
@@ -336,7 +406,9 @@ def graphs_from_states(model: nn.Module, example_inputs: Any, states: Sequence[M
             l = tmpl.layers[nf.layer]
             c0, _ = tmpl._cols[nf.name]
             w = nf.values.shape[1]
-            x[l.offset:l.offset + l.size, c0:c0 + w] = sd[nf.key].detach().reshape(-1)[nf.entries].reshape(l.size, w).to(x.dtype)
+            x[l.offset : l.offset + l.size, c0 : c0 + w] = (
+                sd[nf.key].detach().reshape(-1)[nf.entries].reshape(l.size, w).to(x.dtype)
+            )
         g.edge_attr, g.x = ea, x
         g.extras = {k: sd[k].detach().clone() for k in tmpl.extras}
         out.append(g)

@@ -16,6 +16,7 @@ with the square of the largest graph's node count); padded nodes are masked out 
 Inputs, embeddings (type, depth, input/output positions), readout, equivariant outputs and errors are
 those of :class:`~weightspace.nn.GraphProcessor`; batches may mix architectures.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,14 +87,28 @@ class RelationalTransformer(nn.Module):
     8 heads; the defaults here are smaller (32, 32, 4) for CPU-sized zoos.
     """
 
-    def __init__(self, out_features: Optional[int] = 1, hidden_channels: int = 32, num_layers: int = 4, *,
-                 num_heads: int = 4, edge_channels: Optional[int] = None, node_features: Sequence[str] = ("bias",),
-                 edge_dim: int = 9, dropout: float = 0.0, max_depth: int = 64, max_io: int = 256, positions: str = "io") -> None:
+    def __init__(
+        self,
+        out_features: Optional[int] = 1,
+        hidden_channels: int = 32,
+        num_layers: int = 4,
+        *,
+        num_heads: int = 4,
+        edge_channels: Optional[int] = None,
+        node_features: Sequence[str] = ("bias",),
+        edge_dim: int = 9,
+        dropout: float = 0.0,
+        max_depth: int = 64,
+        max_io: int = 256,
+        positions: str = "io",
+    ) -> None:
         super().__init__()
         if out_features is not None and int(out_features) < 1:
             raise ValueError(f"out_features must be >= 1 or None (equivariant outputs), got {out_features}")
         if int(num_layers) < 0 or int(hidden_channels) < 1 or int(num_heads) < 1:
-            raise ValueError(f"num_layers must be >= 0, hidden_channels and num_heads >= 1, got {num_layers}, {hidden_channels}, {num_heads}")
+            raise ValueError(
+                f"num_layers must be >= 0, hidden_channels and num_heads >= 1, got {num_layers}, {hidden_channels}, {num_heads}"  # noqa: E501
+            )
         d = int(hidden_channels)
         de = int(edge_channels or hidden_channels)
         self.out_features = None if out_features is None else int(out_features)

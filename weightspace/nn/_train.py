@@ -14,10 +14,10 @@ so DDP's gradient average equals the gradient of the global-batch mean even when
 split evenly: K processes compute what one process computes on the same global batches (up to the
 order of floating-point sums).
 """
+
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -69,17 +69,27 @@ def kendall_tau(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Kendall's tau-b (SciPy) between predictions and targets."""
     from scipy.stats import kendalltau
 
-    return float(kendalltau(pred.detach().cpu().double().numpy().ravel(), target.detach().cpu().double().numpy().ravel())[0])
+    return float(
+        kendalltau(pred.detach().cpu().double().numpy().ravel(), target.detach().cpu().double().numpy().ravel())[0]
+    )
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     if task == "classification":
         return F.cross_entropy(out, y.long(), reduction="sum")
-    return F.mse_loss(out.reshape(y.shape[0], -1), y.reshape(y.shape[0], -1).to(out.dtype), reduction="sum") / max(1, out[0].numel())
+    return F.mse_loss(out.reshape(y.shape[0], -1), y.reshape(y.shape[0], -1).to(out.dtype), reduction="sum") / max(
+        1, out[0].numel()
+    )
 
 
-def predict(model: nn.Module, inputs: Sequence[Any], *, collate: Callable[[List[Any]], Any], batch_size: int = 256,
-            device: Any = None) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    inputs: Sequence[Any],
+    *,
+    collate: Callable[[List[Any]], Any],
+    batch_size: int = 256,
+    device: Any = None,
+) -> torch.Tensor:
     """Outputs of ``model`` on ``inputs`` (eval mode, no gradients; the mode is restored), concatenated."""
     if len(inputs) == 0:
         raise TrainingError("predict: inputs are empty")
@@ -88,17 +98,33 @@ def predict(model: nn.Module, inputs: Sequence[Any], *, collate: Callable[[List[
     model.eval()
     try:
         with torch.no_grad():
-            outs = [model(_to(collate(list(inputs[i:i + batch_size])), dev)) for i in range(0, len(inputs), int(batch_size))]
+            outs = [
+                model(_to(collate(list(inputs[i : i + batch_size])), dev))
+                for i in range(0, len(inputs), int(batch_size))
+            ]
     finally:
         model.train(was)
     return torch.cat(outs)
 
 
-def fit_processor(model: nn.Module, inputs: Sequence[Any], targets: torch.Tensor, *, collate: Callable[[List[Any]], Any],
-                  task: str = "regression", epochs: int = 50, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 5e-4,
-                  seed: int = 0, device: Any = "auto", grad_clip: Optional[float] = 10.0,
-                  eval_inputs: Optional[Sequence[Any]] = None, eval_targets: Optional[torch.Tensor] = None,
-                  progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None) -> ProcessorFit:
+def fit_processor(
+    model: nn.Module,
+    inputs: Sequence[Any],
+    targets: torch.Tensor,
+    *,
+    collate: Callable[[List[Any]], Any],
+    task: str = "regression",
+    epochs: int = 50,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    device: Any = "auto",
+    grad_clip: Optional[float] = 10.0,
+    eval_inputs: Optional[Sequence[Any]] = None,
+    eval_targets: Optional[torch.Tensor] = None,
+    progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
+) -> ProcessorFit:
     """Train ``model`` on ``(inputs[i], targets[i])`` (see the module docstring).
 
     Parameters
@@ -148,7 +174,7 @@ def fit_processor(model: nn.Module, inputs: Sequence[Any], targets: torch.Tensor
         order = torch.randperm(n, generator=gen)
         tot, cnt = 0.0, 0
         for s in range(0, n, B):
-            glob = order[s:s + B]
+            glob = order[s : s + B]
             mine = glob[rank::world]
             if mine.numel() == 0:  # a tiny last batch: this rank still joins the gradient all-reduce
                 mine = glob[:1]
@@ -179,7 +205,9 @@ def fit_processor(model: nn.Module, inputs: Sequence[Any], targets: torch.Tensor
             yt = torch.as_tensor(eval_targets).to(pred.device)
             rec["eval_loss"] = float(_loss(pred, yt, task)) / len(eval_inputs)
             if task == "regression":
-                rec["eval_kendall_tau"] = kendall_tau(pred.reshape(len(eval_inputs), -1)[:, 0], yt.reshape(len(eval_inputs), -1)[:, 0])
+                rec["eval_kendall_tau"] = kendall_tau(
+                    pred.reshape(len(eval_inputs), -1)[:, 0], yt.reshape(len(eval_inputs), -1)[:, 0]
+                )
             else:
                 rec["eval_accuracy"] = float((pred.argmax(-1) == yt).float().mean())
         history.append(rec)
@@ -188,7 +216,20 @@ def fit_processor(model: nn.Module, inputs: Sequence[Any], targets: torch.Tensor
             progress(ep + 1, int(epochs), rec)
     model.eval()
     secs = time.perf_counter() - t0
-    settings = {"task": task, "epochs": int(epochs), "batch_size": B, "lr": float(lr), "weight_decay": float(weight_decay),
-                "seed": int(seed), "grad_clip": grad_clip, "device": str(dev), "world_size": world, "num_inputs": n,
-                "processor": type(model).__name__, "versions": versions()}
-    return ProcessorFit(tuple(history), secs, settings, (f"{epochs} epochs on {n} inputs in {secs:.1f} s (rank {rank} of {world})",))
+    settings = {
+        "task": task,
+        "epochs": int(epochs),
+        "batch_size": B,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "seed": int(seed),
+        "grad_clip": grad_clip,
+        "device": str(dev),
+        "world_size": world,
+        "num_inputs": n,
+        "processor": type(model).__name__,
+        "versions": versions(),
+    }
+    return ProcessorFit(
+        tuple(history), secs, settings, (f"{epochs} epochs on {n} inputs in {secs:.1f} s (rank {rank} of {world})",)
+    )

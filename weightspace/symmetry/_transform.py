@@ -27,6 +27,7 @@ producer), else from a heuristic that is right for Linear/conv/norm layers: 1-D 
 are producers, axes >= 1 of tensors with two or more axes are consumers. An embedding table given
 without ``reference`` would be misread: pass ``reference=`` or ``roles=``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,8 +73,9 @@ def _heuristic_roles(shape: Tuple[int, ...]) -> Tuple[str, ...]:
     return tuple(PRODUCER if (ax == 0 or len(shape) == 1) else CONSUMER for ax in range(len(shape)))
 
 
-def axis_roles(spec: PermutationSpec, reference: Optional[nn.Module] = None,
-               roles: Optional[Mapping[str, Tuple[str, ...]]] = None) -> Dict[str, Tuple[Optional[str], ...]]:
+def axis_roles(
+    spec: PermutationSpec, reference: Optional[nn.Module] = None, roles: Optional[Mapping[str, Tuple[str, ...]]] = None
+) -> Dict[str, Tuple[Optional[str], ...]]:
     """``{key: (role or None per axis)}`` for every key of ``spec``: ``"producer"``, ``"consumer"``, or
     None where the axis is not acted on by any group. ``roles`` overrides single keys."""
     known = _module_roles(reference) if reference is not None else {}
@@ -82,7 +84,9 @@ def axis_roles(spec: PermutationSpec, reference: Optional[nn.Module] = None,
         if roles is not None and key in roles:
             r = tuple(roles[key])
             if len(r) != len(layouts) or any(x not in (PRODUCER, CONSUMER, None) for x in r):
-                raise SpecError(f"roles[{key!r}] must give 'producer'/'consumer'/None for each of its {len(layouts)} axes, got {r}")
+                raise SpecError(
+                    f"roles[{key!r}] must give 'producer'/'consumer'/None for each of its {len(layouts)} axes, got {r}"
+                )
         else:
             shape = spec.shapes.get(key, (1,) * len(layouts))
             r = known.get(key, _heuristic_roles(tuple(shape)) if reference is None else (PRODUCER,) * len(layouts))
@@ -109,16 +113,21 @@ def _normalise_maps(spec: PermutationSpec, maps: Mapping[str, GroupMap]) -> Dict
         elif isinstance(m, (tuple, list)) and len(m) == 2 and all(torch.is_tensor(x) for x in m):
             merge, unmerge_t = m[0], m[1].transpose(0, 1)
         else:
-            raise SpecError(f"transform: the map for group {g!r} must be a permutation, a matrix (n_new, n_old) "
-                            f"or a pair (merge (n_new, n_old), unmerge (n_old, n_new)), got {type(m).__name__}")
+            raise SpecError(
+                f"transform: the map for group {g!r} must be a permutation, a matrix (n_new, n_old) "
+                f"or a pair (merge (n_new, n_old), unmerge (n_old, n_new)), got {type(m).__name__}"
+            )
         if merge.dim() != 2 or unmerge_t.dim() != 2:
             raise SpecError(f"transform: group {g!r} needs 2-D merge/unmerge matrices")
         if merge.shape[1] != n or unmerge_t.shape[1] != n:
-            raise SpecError(f"transform: group {g!r} has size {n} but its merge is {tuple(merge.shape)} and its "
-                            f"unmerge {tuple(unmerge_t.T.shape)}; expected (n_new, {n}) and ({n}, n_new)")
+            raise SpecError(
+                f"transform: group {g!r} has size {n} but its merge is {tuple(merge.shape)} and its "
+                f"unmerge {tuple(unmerge_t.T.shape)}; expected (n_new, {n}) and ({n}, n_new)"
+            )
         if merge.shape[0] != unmerge_t.shape[0]:
-            raise SpecError(f"transform: group {g!r}: merge gives {merge.shape[0]} features but the unmerge "
-                            f"{unmerge_t.shape[0]}")
+            raise SpecError(
+                f"transform: group {g!r}: merge gives {merge.shape[0]} features but the unmerge {unmerge_t.shape[0]}"
+            )
         if not (bool(torch.isfinite(merge).all()) and bool(torch.isfinite(unmerge_t).all())):
             raise SpecError(f"transform: the map for group {g!r} holds NaN or inf")
         out[g] = (merge, unmerge_t)
@@ -141,15 +150,20 @@ def _apply(t: torch.Tensor, ax: int, lay: Optional[Axis], role: Optional[str], m
         return torch.cat([_apply(c, ax, p, role, maps) for c, p in zip(chunks, lay.parts)], dim=ax)
     # product: row-major sub-axes, each mapped on its own
     shape = tuple(t.shape)
-    sub = t.reshape(shape[:ax] + tuple(p.size for p in lay.parts) + shape[ax + 1:])
+    sub = t.reshape(shape[:ax] + tuple(p.size for p in lay.parts) + shape[ax + 1 :])
     for i, p in enumerate(lay.parts):
         sub = _apply(sub, ax + i, p, role, maps)
-    return sub.reshape(shape[:ax] + (-1,) + shape[ax + 1:])
+    return sub.reshape(shape[:ax] + (-1,) + shape[ax + 1 :])
 
 
-def transform(obj: Union[nn.Module, Mapping[str, torch.Tensor]], spec: PermutationSpec, maps: Mapping[str, GroupMap],
-              *, reference: Optional[nn.Module] = None,
-              roles: Optional[Mapping[str, Tuple[Optional[str], ...]]] = None) -> Dict[str, torch.Tensor]:
+def transform(
+    obj: Union[nn.Module, Mapping[str, torch.Tensor]],
+    spec: PermutationSpec,
+    maps: Mapping[str, GroupMap],
+    *,
+    reference: Optional[nn.Module] = None,
+    roles: Optional[Mapping[str, Tuple[Optional[str], ...]]] = None,
+) -> Dict[str, torch.Tensor]:
     """Apply per-group linear maps through ``spec``'s layouts; returns a new state dict.
 
     Parameters
@@ -194,7 +208,9 @@ def transform(obj: Union[nn.Module, Mapping[str, torch.Tensor]], spec: Permutati
         new = t
         for ax, lay in enumerate(layouts):
             if lay is not None and t.shape[ax] != lay.size:
-                raise SpecError(f"{key!r} axis {ax} has size {t.shape[ax]} but the spec's layout {lay} has size {lay.size}")
+                raise SpecError(
+                    f"{key!r} axis {ax} has size {t.shape[ax]} but the spec's layout {lay} has size {lay.size}"
+                )
             new = _apply(new, ax, lay, role_of[key][ax], nm)
         out[key] = new
     return out

@@ -1,5 +1,6 @@
 """The cache folder for generated data sets (zoos, INRs): ``$WEIGHTSPACE_CACHE`` or
 ``~/.cache/weightspace``, never inside the repository; files are written atomically."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,11 @@ __all__ = ["cache_dir", "settings_key", "atomic_save", "load_tensors"]
 
 def cache_dir(kind: str, root: Union[None, str, os.PathLike] = None) -> Path:
     """``<root>/<kind>``, root = ``root`` or ``$WEIGHTSPACE_CACHE`` or ``~/.cache/weightspace``."""
-    base = Path(root) if root is not None else Path(os.environ.get("WEIGHTSPACE_CACHE") or Path.home() / ".cache" / "weightspace")
+    base = (
+        Path(root)
+        if root is not None
+        else Path(os.environ.get("WEIGHTSPACE_CACHE") or Path.home() / ".cache" / "weightspace")
+    )
     d = base.expanduser() / kind
     d.mkdir(parents=True, exist_ok=True)
     return d

@@ -24,6 +24,7 @@ Zhou et al. 2023, arXiv:2302.14040, use independent initialisations):
 Splits follow :func:`weightspace.zoo.load_digits`: INRs of the 1,200 train digits are ``"train"``,
 of the 597 test digits ``"test"``; ``views`` INRs per digit (different seeds) are possible.
 """
+
 from __future__ import annotations
 
 import logging
@@ -112,10 +113,23 @@ def _targets(resolution: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return img, Y, split, coords
 
 
-def digits_inrs(variant: str = "shared_permuted", *, views: int = 1, hidden: Sequence[int] = (16, 16), w0: float = 30.0,
-                steps: int = 300, lr: float = 1e-3, resolution: int = 16, seed: int = 0, limit: Optional[int] = None,
-                batch_size: int = 2048, device: Any = "auto", cache: bool = True, cache_root: Any = None,
-                progress: Optional[Callable[[int, int], None]] = None) -> ModelZoo:
+def digits_inrs(
+    variant: str = "shared_permuted",
+    *,
+    views: int = 1,
+    hidden: Sequence[int] = (16, 16),
+    w0: float = 30.0,
+    steps: int = 300,
+    lr: float = 1e-3,
+    resolution: int = 16,
+    seed: int = 0,
+    limit: Optional[int] = None,
+    batch_size: int = 2048,
+    device: Any = "auto",
+    cache: bool = True,
+    cache_root: Any = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> ModelZoo:
     """Fit SIREN INRs of the digits (see the module docstring) and return them as a :class:`ModelZoo`.
 
     Metadata per INR: ``image`` (row of ``load_digits("all")``), ``label`` (the digit), ``split``
@@ -127,13 +141,25 @@ def digits_inrs(variant: str = "shared_permuted", *, views: int = 1, hidden: Seq
     if variant not in VARIANTS:
         raise ZooError(f"unknown INR variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if int(views) < 1 or int(steps) < 1 or int(resolution) < 2 or int(batch_size) < 1:
-        raise ZooError(f"views, steps, batch_size must be >= 1 and resolution >= 2, got {views}, {steps}, {batch_size}, {resolution}")
+        raise ZooError(
+            f"views, steps, batch_size must be >= 1 and resolution >= 2, got {views}, {steps}, {batch_size}, {resolution}"  # noqa: E501
+        )
     hidden = tuple(int(h) for h in hidden)
     if not hidden or min(hidden) < 1:
         raise ZooError(f"hidden must list at least one width >= 1, got {hidden}")
-    opts = {"variant": variant, "views": int(views), "hidden": list(hidden), "w0": float(w0), "steps": int(steps), "lr": float(lr),
-            "resolution": int(resolution), "seed": int(seed), "limit": None if limit is None else int(limit),
-            "batch_size": int(batch_size), "version": _INR_VERSION}
+    opts = {
+        "variant": variant,
+        "views": int(views),
+        "hidden": list(hidden),
+        "w0": float(w0),
+        "steps": int(steps),
+        "lr": float(lr),
+        "resolution": int(resolution),
+        "seed": int(seed),
+        "limit": None if limit is None else int(limit),
+        "batch_size": int(batch_size),
+        "version": _INR_VERSION,
+    }
     dev = resolve_device(device)
     rank, world = _dist()
     settings = {"generator": "digits_inrs", **opts, "device": str(dev), "world_size": world, "versions": versions()}
@@ -151,11 +177,11 @@ def digits_inrs(variant: str = "shared_permuted", *, views: int = 1, hidden: Seq
     img, Y, is_test, coords = _targets(int(resolution))
     rows = torch.arange(len(Y))
     if limit is not None:
-        rows = torch.cat([rows[~is_test][:int(limit)], rows[is_test][:int(limit)]])
+        rows = torch.cat([rows[~is_test][: int(limit)], rows[is_test][: int(limit)]])
     jobs = [(int(r), v) for v in range(int(views)) for r in rows.tolist()]
     keys = _keys(len(hidden))
     shared = siren_init(hidden, w0, _inr_seed(seed, None)) if variant != "independent" else None
-    batches = [jobs[k:k + int(batch_size)] for k in range(0, len(jobs), int(batch_size))]
+    batches = [jobs[k : k + int(batch_size)] for k in range(0, len(jobs), int(batch_size))]
     coords_d = coords.to(dev)
     results: Dict[int, Tuple[Dict[str, torch.Tensor], Dict[str, Any]]] = {}
     done = 0
@@ -179,9 +205,18 @@ def digits_inrs(variant: str = "shared_permuted", *, views: int = 1, hidden: Seq
         for j, (r, v) in enumerate(batch):
             s = _inr_seed(seed, r + v * len(Y))
             sd = {k: p[j].detach().cpu().clone() for k, p in zip(keys, params)}
-            row = {"index": None, "image": r, "label": int(Y[r]), "split": "test" if bool(is_test[r]) else "train", "view": v,
-                   "seed": s, "mse": float(mse[j]), "psnr": float(10 * math.log10(1.0 / max(float(mse[j]), 1e-20))),
-                   "variant": variant, "architecture": arch}
+            row = {
+                "index": None,
+                "image": r,
+                "label": int(Y[r]),
+                "split": "test" if bool(is_test[r]) else "train",
+                "view": v,
+                "seed": s,
+                "mse": float(mse[j]),
+                "psnr": float(10 * math.log10(1.0 / max(float(mse[j]), 1e-20))),
+                "variant": variant,
+                "architecture": arch,
+            }
             if variant == "shared_permuted":
                 g = torch.Generator().manual_seed(s)
                 sd = permute_hidden(sd, [torch.randperm(h, generator=g) for h in hidden])

@@ -13,6 +13,7 @@ CSV cells become int/float; every other column is kept as text. Checkpoints are 
 pickled objects). ``builder`` (a callable ``row -> nn.Module``, or a ``"pkg.module:factory"`` string
 called with the row's ``model_kwargs`` if any) lets :meth:`ModelZoo.model` rebuild modules.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,9 +22,8 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Union
 
-import torch
 
 from weightspace.results import versions
 from weightspace.zoo.zoos import ModelZoo, ZooError
@@ -82,9 +82,15 @@ class _FactoryBuilder:
         return build_model(self.spec, **kw)
 
 
-def load_zoo(folder: Union[str, os.PathLike], metadata: str = "metadata.csv", *, file_column: str = "file",
-             builder: Union[None, str, Callable[[Mapping[str, Any]], Any]] = None, check_finite: bool = True,
-             map_location: Any = "cpu") -> ModelZoo:
+def load_zoo(
+    folder: Union[str, os.PathLike],
+    metadata: str = "metadata.csv",
+    *,
+    file_column: str = "file",
+    builder: Union[None, str, Callable[[Mapping[str, Any]], Any]] = None,
+    check_finite: bool = True,
+    map_location: Any = "cpu",
+) -> ModelZoo:
     """Load a zoo from ``folder`` (see the module docstring) as a :class:`ModelZoo`.
 
     Raises :class:`ZooError` naming the file/row/column when the folder or table is missing, a row
@@ -98,7 +104,9 @@ def load_zoo(folder: Union[str, os.PathLike], metadata: str = "metadata.csv", *,
     table = root / metadata
     if not table.is_file():
         found = sorted(p.name for p in root.iterdir() if p.suffix.lower() in (".csv", ".json"))
-        raise ZooError(f"metadata table {table} not found; tables in the folder: {found or 'none'} (pass metadata=NAME)")
+        raise ZooError(
+            f"metadata table {table} not found; tables in the folder: {found or 'none'} (pass metadata=NAME)"
+        )
     rows = _read_table(table)
     if not rows:
         raise ZooError(f"metadata table {table} has no rows")
@@ -109,7 +117,9 @@ def load_zoo(folder: Union[str, os.PathLike], metadata: str = "metadata.csv", *,
         f = r.get(file_column)
         if f in (None, ""):
             cols = sorted(r)
-            raise ZooError(f"{table.name}, row {i + 1}: no {file_column!r} value (columns: {cols}); pass file_column= if it is named differently")
+            raise ZooError(
+                f"{table.name}, row {i + 1}: no {file_column!r} value (columns: {cols}); pass file_column= if it is named differently"  # noqa: E501
+            )
         f = str(f)
         if f in seen:
             raise ZooError(f"{table.name}: file {f!r} is listed twice (rows {seen[f] + 1} and {i + 1})")
@@ -131,17 +141,36 @@ def load_zoo(folder: Union[str, os.PathLike], metadata: str = "metadata.csv", *,
     unlisted = sorted(p.name for p in root.iterdir() if p.suffix.lower() in _SUFFIXES and p.resolve() not in listed)
     logs = [f"loaded {len(states)} checkpoints from {root}"]
     if unlisted:
-        log.warning("load_zoo: %d checkpoint files in %s are not in %s and were skipped (first: %s)", len(unlisted), root, table.name, unlisted[0])
+        log.warning(
+            "load_zoo: %d checkpoint files in %s are not in %s and were skipped (first: %s)",
+            len(unlisted),
+            root,
+            table.name,
+            unlisted[0],
+        )
         logs.append(f"skipped {len(unlisted)} unlisted files: {unlisted[:5]}")
     b = _FactoryBuilder(builder) if isinstance(builder, str) else builder
-    settings = {"loader": "load_zoo", "folder": str(root), "metadata": metadata, "file_column": file_column,
-                "builder": builder if isinstance(builder, str) else (None if builder is None else getattr(builder, "__name__", type(builder).__name__)),
-                "versions": versions()}
+    settings = {
+        "loader": "load_zoo",
+        "folder": str(root),
+        "metadata": metadata,
+        "file_column": file_column,
+        "builder": builder
+        if isinstance(builder, str)
+        else (None if builder is None else getattr(builder, "__name__", type(builder).__name__)),
+        "versions": versions(),
+    }
     return ModelZoo(tuple(states), tuple(meta), settings, tuple(logs), b)
 
 
-def save_zoo(zoo: ModelZoo, folder: Union[str, os.PathLike], *, metadata: str = "metadata.csv", file_column: str = "file",
-             overwrite: bool = False) -> Path:
+def save_zoo(
+    zoo: ModelZoo,
+    folder: Union[str, os.PathLike],
+    *,
+    metadata: str = "metadata.csv",
+    file_column: str = "file",
+    overwrite: bool = False,
+) -> Path:
     """Write ``zoo`` as a folder of safetensors checkpoints (``net_00000.safetensors``...) and a
     metadata table that :func:`load_zoo` reads back exactly. The folder must not exist (or be empty)
     unless ``overwrite=True``; it is written to a temporary sibling and renamed into place."""

@@ -26,6 +26,7 @@ rate, weight decay and stopping step). The chunks are fixed by the settings alon
 returns exactly the zoo of a single-process run. The result is cached (see
 :mod:`weightspace.zoo._cache`); ``progress(done, total)`` is called after each chunk.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,15 @@ class DigitsCNN(nn.Module):
     ``head.bias`` (10,). Input (N, 1, 8, 8) digits; output (N, 10) logits.
     """
 
-    def __init__(self, width: int = 8, depth: int = 2, activation: str = "relu", in_channels: int = 1,
-                 num_classes: int = 10, seed: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        width: int = 8,
+        depth: int = 2,
+        activation: str = "relu",
+        in_channels: int = 1,
+        num_classes: int = 10,
+        seed: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if int(width) < 1 or int(depth) < 1:
             raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
@@ -113,7 +121,9 @@ class ModelZoo(Result):
 
     def __post_init__(self) -> None:
         if len(self.states) != len(self.metadata):
-            raise ZooError(f"a zoo needs one metadata row per state dict, got {len(self.states)} states and {len(self.metadata)} rows")
+            raise ZooError(
+                f"a zoo needs one metadata row per state dict, got {len(self.states)} states and {len(self.metadata)} rows"  # noqa: E501
+            )
 
     def __len__(self) -> int:
         return len(self.states)
@@ -123,7 +133,9 @@ class ModelZoo(Result):
         missing = [i for i, r in enumerate(self.metadata) if name not in r]
         if missing:
             cols = sorted({k for r in self.metadata for k in r})
-            raise ZooError(f"metadata column {name!r} is missing for {len(missing)} networks (first: {missing[0]}); columns: {cols}")
+            raise ZooError(
+                f"metadata column {name!r} is missing for {len(missing)} networks (first: {missing[0]}); columns: {cols}"  # noqa: E501
+            )
         return [r[name] for r in self.metadata]
 
     def targets(self, name: str = "test_accuracy", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -140,8 +152,13 @@ class ModelZoo(Result):
         bad = [i for i in idx if not -len(self) <= i < len(self)]
         if bad:
             raise ZooError(f"indices {bad[:5]} are out of range for a zoo of {len(self)} networks")
-        return ModelZoo(tuple(self.states[i] for i in idx), tuple(self.metadata[i] for i in idx),
-                        dict(self.settings), self.log + (f"select: {len(idx)} of {len(self)} networks",), self.builder)
+        return ModelZoo(
+            tuple(self.states[i] for i in idx),
+            tuple(self.metadata[i] for i in idx),
+            dict(self.settings),
+            self.log + (f"select: {len(idx)} of {len(self)} networks",),
+            self.builder,
+        )
 
     def where(self, **conditions: Any) -> List[int]:
         """Indices of the networks whose metadata equals every ``column=value`` given."""
@@ -156,7 +173,9 @@ class ModelZoo(Result):
     def model(self, i: int) -> nn.Module:
         """Network ``i`` as a fresh module holding its weights (eval mode)."""
         if self.builder is None:
-            raise ZooError("this zoo has no builder: pass builder= (row -> nn.Module) when loading it to rebuild modules")
+            raise ZooError(
+                "this zoo has no builder: pass builder= (row -> nn.Module) when loading it to rebuild modules"
+            )
         m = self.builder(self.metadata[i])
         m.load_state_dict(self.states[i])
         return m.eval()
@@ -171,10 +190,12 @@ class ModelZoo(Result):
         by_arch: Dict[str, List[int]] = {}
         for j, i in enumerate(idx):
             by_arch.setdefault(str(self.metadata[i].get("architecture", "?")), []).append(j)
-        for arch, js in by_arch.items():
+        for _arch, js in by_arch.items():
             m = self.model(idx[js[0]])
             if example_inputs is None and not hasattr(m, "example_input"):
-                raise ZooError(f"{type(m).__name__} has no example_input(); pass example_inputs= (a batch the model accepts) to graphs()")
+                raise ZooError(
+                    f"{type(m).__name__} has no example_input(); pass example_inputs= (a batch the model accepts) to graphs()"  # noqa: E501
+                )
             x = example_inputs if example_inputs is not None else m.example_input()
             gs = graphs_from_states(m, x, [self.states[idx[j]] for j in js])
             for j, g in zip(js, gs):
@@ -183,6 +204,7 @@ class ModelZoo(Result):
 
 
 # -- generation -----------------------------------------------------------------------------------
+
 
 def _net_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -206,9 +228,20 @@ def _net_config(seed: int, index: int, fixed: bool, o: Mapping[str, Any]) -> Dic
         width = int(o["widths"][int(torch.randint(len(o["widths"]), (), generator=g))])
         depth = int(o["depths"][int(torch.randint(len(o["depths"]), (), generator=g))])
         act = str(o["activations"][int(torch.randint(len(o["activations"]), (), generator=g))])
-    return {"index": index, "seed": s, "part": "fixed" if fixed else "mixed", "architecture": f"cnn-w{width}-d{depth}-{act}",
-            "width": width, "depth": depth, "activation": act, "lr": lr, "weight_decay": wd, "init_scale": scale,
-            "steps": steps, "batch_size": int(o["batch_size"])}
+    return {
+        "index": index,
+        "seed": s,
+        "part": "fixed" if fixed else "mixed",
+        "architecture": f"cnn-w{width}-d{depth}-{act}",
+        "width": width,
+        "depth": depth,
+        "activation": act,
+        "lr": lr,
+        "weight_decay": wd,
+        "init_scale": scale,
+        "steps": steps,
+        "batch_size": int(o["batch_size"]),
+    }
 
 
 def _chunks(configs: Sequence[Dict[str, Any]], group_size: int) -> List[List[int]]:
@@ -217,9 +250,9 @@ def _chunks(configs: Sequence[Dict[str, Any]], group_size: int) -> List[List[int
     for c in configs:
         by_arch.setdefault(c["architecture"], []).append(c["index"])
     out = []
-    for arch, idx in by_arch.items():
+    for _arch, idx in by_arch.items():
         idx = sorted(idx, key=lambda i: (configs[i]["steps"], i))
-        out += [idx[k:k + group_size] for k in range(0, len(idx), group_size)]
+        out += [idx[k : k + group_size] for k in range(0, len(idx), group_size)]
     return out
 
 
@@ -241,7 +274,9 @@ def _keys(depth: int) -> List[str]:
     return [k for l in range(depth) for k in (f"convs.{l}.weight", f"convs.{l}.bias")] + ["head.weight", "head.bias"]
 
 
-def _train_chunk(cfgs: List[Dict[str, Any]], data, device: torch.device) -> Tuple[List[Dict[str, torch.Tensor]], List[Dict[str, float]]]:
+def _train_chunk(
+    cfgs: List[Dict[str, Any]], data, device: torch.device
+) -> Tuple[List[Dict[str, torch.Tensor]], List[Dict[str, float]]]:
     Xtr, Ytr, Xte, Yte = data
     G = len(cfgs)
     width, depth, act, B = cfgs[0]["width"], cfgs[0]["depth"], cfgs[0]["activation"], cfgs[0]["batch_size"]
@@ -285,14 +320,25 @@ def _train_chunk(cfgs: List[Dict[str, Any]], data, device: torch.device) -> Tupl
     with torch.no_grad():
         res = {}
         for name, X, Y in (("test", Xte, Yte), ("train", Xtr, Ytr)):
-            logits = torch.cat([_grouped_forward(params, X[k:k + 300].unsqueeze(0).expand(G, *X[k:k + 300].shape), depth, act)
-                                for k in range(0, X.shape[0], 300)], dim=1)
+            logits = torch.cat(
+                [
+                    _grouped_forward(params, X[k : k + 300].unsqueeze(0).expand(G, *X[k : k + 300].shape), depth, act)
+                    for k in range(0, X.shape[0], 300)
+                ],
+                dim=1,
+            )
             loss = F.cross_entropy(logits.permute(0, 2, 1), Y.unsqueeze(0).expand(G, -1), reduction="none").mean(1)
             acc = (logits.argmax(-1) == Y).float().mean(1)
             res[name] = (loss.cpu(), acc.cpu())
         for j in range(G):
-            metrics.append({"test_accuracy": float(res["test"][1][j]), "test_loss": float(res["test"][0][j]),
-                            "train_accuracy": float(res["train"][1][j]), "train_loss": float(res["train"][0][j])})
+            metrics.append(
+                {
+                    "test_accuracy": float(res["test"][1][j]),
+                    "test_loss": float(res["test"][0][j]),
+                    "train_accuracy": float(res["train"][1][j]),
+                    "train_loss": float(res["train"][0][j]),
+                }
+            )
     states = [{k: p[j].detach().cpu().clone() for k, p in zip(keys, params)} for j in range(G)]
     return states, metrics
 
@@ -305,13 +351,25 @@ def _dist() -> Tuple[int, int]:
     return 0, 1
 
 
-def digits_cnn_zoo(n_models: int = 2000, n_mixed: int = 0, *, seed: int = 0, group_size: int = 256,
-                   lr: Tuple[float, float] = (5e-4, 5e-2), weight_decay: Tuple[float, float] = (1e-6, 1e-2),
-                   init_scale: Tuple[float, float] = (0.3, 2.0), steps: Tuple[int, int] = (50, 380),
-                   widths: Sequence[int] = (4, 8, 16), depths: Sequence[int] = (2, 3, 4),
-                   activations: Sequence[str] = ("relu", "tanh"), batch_size: int = 64, device: Any = "auto",
-                   cache: bool = True, cache_root: Any = None,
-                   progress: Optional[Callable[[int, int], None]] = None) -> ModelZoo:
+def digits_cnn_zoo(
+    n_models: int = 2000,
+    n_mixed: int = 0,
+    *,
+    seed: int = 0,
+    group_size: int = 256,
+    lr: Tuple[float, float] = (5e-4, 5e-2),
+    weight_decay: Tuple[float, float] = (1e-6, 1e-2),
+    init_scale: Tuple[float, float] = (0.3, 2.0),
+    steps: Tuple[int, int] = (50, 380),
+    widths: Sequence[int] = (4, 8, 16),
+    depths: Sequence[int] = (2, 3, 4),
+    activations: Sequence[str] = ("relu", "tanh"),
+    batch_size: int = 64,
+    device: Any = "auto",
+    cache: bool = True,
+    cache_root: Any = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> ModelZoo:
     """Generate (or load from the cache) the digits CNN zoo described in the module docstring.
 
     Parameters
@@ -341,10 +399,21 @@ def digits_cnn_zoo(n_models: int = 2000, n_mixed: int = 0, *, seed: int = 0, gro
     bad = [a for a in activations if a not in ("relu", "tanh")]
     if bad or not widths or not depths or not activations:
         raise ZooError(f"widths, depths and activations must be non-empty; activations must be relu/tanh (got {bad})")
-    opts = {"n_models": n_models, "n_mixed": n_mixed, "seed": int(seed), "lr": tuple(lr), "weight_decay": tuple(weight_decay),
-            "init_scale": tuple(init_scale), "steps": (int(steps[0]), int(steps[1])), "widths": tuple(int(w) for w in widths),
-            "depths": tuple(int(d) for d in depths), "activations": tuple(activations), "batch_size": int(batch_size),
-            "group_size": int(group_size), "version": _ZOO_VERSION}
+    opts = {
+        "n_models": n_models,
+        "n_mixed": n_mixed,
+        "seed": int(seed),
+        "lr": tuple(lr),
+        "weight_decay": tuple(weight_decay),
+        "init_scale": tuple(init_scale),
+        "steps": (int(steps[0]), int(steps[1])),
+        "widths": tuple(int(w) for w in widths),
+        "depths": tuple(int(d) for d in depths),
+        "activations": tuple(activations),
+        "batch_size": int(batch_size),
+        "group_size": int(group_size),
+        "version": _ZOO_VERSION,
+    }
     dev = resolve_device(device)
     rank, world = _dist()
     settings = {"generator": "digits_cnn_zoo", **opts, "device": str(dev), "world_size": world, "versions": versions()}
@@ -355,7 +424,9 @@ def digits_cnn_zoo(n_models: int = 2000, n_mixed: int = 0, *, seed: int = 0, gro
             log.info("digits_cnn_zoo: loaded %d nets from the cache %s", len(blob["metadata"]), path)
             if progress is not None:
                 progress(len(blob["metadata"]), len(blob["metadata"]))
-            return ModelZoo(tuple(blob["states"]), tuple(blob["metadata"]), settings, (f"cache hit: {path}",), _build_digits_cnn)
+            return ModelZoo(
+                tuple(blob["states"]), tuple(blob["metadata"]), settings, (f"cache hit: {path}",), _build_digits_cnn
+            )
     t0 = time.perf_counter()
     configs = [_net_config(seed, i, i < n_models, opts) for i in range(n_models + n_mixed)]
     chunks = _chunks(configs, int(group_size))
@@ -385,7 +456,13 @@ def digits_cnn_zoo(n_models: int = 2000, n_mixed: int = 0, *, seed: int = 0, gro
         for i, si, mi in zip(chunk, s, mt):
             states[i], metrics[i] = si, mi
         done += len(chunk)
-        log.info("digits_cnn_zoo: rank %d trained %d/%d of its nets (%s)", rank, done, sum(len(c) for _, c in mine), configs[chunk[0]]["architecture"])
+        log.info(
+            "digits_cnn_zoo: rank %d trained %d/%d of its nets (%s)",
+            rank,
+            done,
+            sum(len(c) for _, c in mine),
+            configs[chunk[0]]["architecture"],
+        )
         if progress is not None:
             progress(done * world if world > 1 else done, total)
     if world > 1:
@@ -399,7 +476,9 @@ def digits_cnn_zoo(n_models: int = 2000, n_mixed: int = 0, *, seed: int = 0, gro
     missing = [i for i in range(total) if i not in states]
     if missing:
         raise ZooError(f"zoo generation lost nets {missing[:5]}: a rank did not contribute its shard")
-    meta = tuple({**configs[i], **metrics[i], "num_params": sum(t.numel() for t in states[i].values())} for i in range(total))
+    meta = tuple(
+        {**configs[i], **metrics[i], "num_params": sum(t.numel() for t in states[i].values())} for i in range(total)
+    )
     sts = tuple(states[i] for i in range(total))
     secs = time.perf_counter() - t0
     logs = (f"trained {total} nets in {len(chunks)} chunks in {secs:.1f} s on {dev} (rank {rank} of {world})",)

@@ -7,6 +7,7 @@
   materialised as a D x D matrix by applying the layer (bias removed) to the D one-hot networks; it
   returns the rank of their span and the largest commutation defect ``|P M P^T - M|``.
 """
+
 import torch
 
 import weightspace as ws
@@ -77,12 +78,12 @@ def layer_matrices(layer, spec, keys, D):
     for k in keys:
         shape = tuple(spec.shapes[k])
         n = int(torch.Size(shape).numel())
-        tensors[k] = eye[:, off:off + n].reshape(D, *shape, 1)
+        tensors[k] = eye[:, off : off + n].reshape(D, *shape, 1)
         off += n
     batch = wsnn.WeightSpaceBatch(spec, tensors)
     with torch.no_grad():
-        out = layer(batch).flatten()                 # (D inputs, D outputs * K), channels last
-    return out.reshape(D, D, -1).permute(2, 1, 0)    # (K, out, in)
+        out = layer(batch).flatten()  # (D inputs, D outputs * K), channels last
+    return out.reshape(D, D, -1).permute(2, 1, 0)  # (K, out, in)
 
 
 def layer_span(make_layer, spec, keys, draws):
@@ -101,7 +102,7 @@ def layer_span(make_layer, spec, keys, draws):
     Ms = layer_matrices(layer, spec, keys, D)
     defect = 0.0
     for src in maps:
-        defect = max(defect, (Ms[:, src][:, :, src] - Ms).abs().max().item())   # (P M P^T)[i,j] = M[src i, src j]
+        defect = max(defect, (Ms[:, src][:, :, src] - Ms).abs().max().item())  # (P M P^T)[i,j] = M[src i, src j]
     A = Ms.reshape(draws, -1)
     A = A / A.norm(dim=1, keepdim=True)
     # rank through the (draws x draws) Gram matrix: an eigenproblem, much cheaper than the SVD of A

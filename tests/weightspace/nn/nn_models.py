@@ -1,4 +1,5 @@
 """Small architectures (one per spec feature) shared by the weightspace.nn tests."""
+
 import functools
 
 import torch
@@ -17,8 +18,15 @@ class TinyRes(nn.Module):
         self.stem = nn.Conv2d(1, c, 3, padding=1)
         self.blocks = nn.ModuleList()
         for _ in range(2):
-            self.blocks.append(nn.Sequential(nn.Conv2d(c, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
-                                             nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c)))
+            self.blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c, hidden, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(hidden),
+                    nn.ReLU(),
+                    nn.Conv2d(hidden, c, 1, bias=False),
+                    nn.BatchNorm2d(c),
+                )
+            )
         self.head = nn.Linear(c, 3)
 
     def forward(self, x):
@@ -32,12 +40,12 @@ def make(name, seed=0):
     torch.manual_seed(seed)
     if name == "mlp":
         return zoo.MLP(4, (5, 3), 2, seed=seed), torch.randn(2, 4)
-    if name == "cnn":        # conv + BN + flatten (channels x ~H*W) into a Linear
+    if name == "cnn":  # conv + BN + flatten (channels x ~H*W) into a Linear
         m = zoo.VGG(cfg=(3, "M", 2), image_size=4, num_classes=3, seed=seed)
         return m, zoo.example_inputs(m)
     if name == "resnet":
         return TinyRes(), torch.randn(2, 1, 4, 4)
-    if name == "vit":        # attention with (heads x head_dim) axes, packed q|k|v, LayerNorm
+    if name == "vit":  # attention with (heads x head_dim) axes, packed q|k|v, LayerNorm
         m = zoo.TinyViT(image_size=4, patch_size=2, dim=4, depth=1, heads=2, mlp_ratio=1, num_classes=3, seed=seed)
         return m, zoo.example_inputs(m)
     raise KeyError(name)

@@ -4,6 +4,7 @@ processes on localhost), and sharded zoo / INR generation.
 Oracles: two ranks end with identical parameters, equal to one process trained on the same global
 batches; a sharded zoo equals the single-process zoo exactly (chunks are fixed by the settings).
 """
+
 import os
 
 import pytest
@@ -30,7 +31,9 @@ def _processor():
 
 def _fit(model, graphs, y):
     # 10 items, global batch 4: batches of 4, 4, 2 -> also checks the uneven last batch
-    return wsnn.fit_processor(model, graphs, y, collate=ws.NeuralGraph.batch, epochs=2, batch_size=4, lr=1e-2, seed=3, device="cpu")
+    return wsnn.fit_processor(
+        model, graphs, y, collate=ws.NeuralGraph.batch, epochs=2, batch_size=4, lr=1e-2, seed=3, device="cpu"
+    )
 
 
 ZOO_KW = dict(n_models=5, n_mixed=2, seed=1, group_size=2, steps=(3, 6), device="cpu", cache=False)
@@ -48,8 +51,16 @@ def _worker(rank, world, init_file, out_dir):
         _fit(p, graphs, y)
         z = zoo.digits_cnn_zoo(**ZOO_KW)
         inr = zoo.digits_inrs(**INR_KW)
-        torch.save({"params": p.state_dict(), "zoo": list(z.states), "meta": list(z.metadata), "inr": list(inr.states),
-                    "inr_meta": list(inr.metadata)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "params": p.state_dict(),
+                "zoo": list(z.states),
+                "meta": list(z.metadata),
+                "inr": list(inr.states),
+                "inr_meta": list(inr.metadata),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -57,10 +68,25 @@ def _worker(rank, world, init_file, out_dir):
 def test_fit_processor_learns_and_is_deterministic():
     graphs, y = _data(16)
     p1, p2, p3 = _processor(), _processor(), _processor()
-    r1 = wsnn.fit_processor(p1, graphs, y, collate=ws.NeuralGraph.batch, epochs=15, batch_size=4, lr=1e-2, seed=0, device="cpu",
-                            eval_inputs=graphs, eval_targets=y)
-    r2 = wsnn.fit_processor(p2, graphs, y, collate=ws.NeuralGraph.batch, epochs=3, batch_size=4, lr=1e-2, seed=0, device="cpu")
-    r3 = wsnn.fit_processor(p3, graphs, y, collate=ws.NeuralGraph.batch, epochs=3, batch_size=4, lr=1e-2, seed=0, device="cpu")
+    r1 = wsnn.fit_processor(
+        p1,
+        graphs,
+        y,
+        collate=ws.NeuralGraph.batch,
+        epochs=15,
+        batch_size=4,
+        lr=1e-2,
+        seed=0,
+        device="cpu",
+        eval_inputs=graphs,
+        eval_targets=y,
+    )
+    r2 = wsnn.fit_processor(
+        p2, graphs, y, collate=ws.NeuralGraph.batch, epochs=3, batch_size=4, lr=1e-2, seed=0, device="cpu"
+    )
+    r3 = wsnn.fit_processor(
+        p3, graphs, y, collate=ws.NeuralGraph.batch, epochs=3, batch_size=4, lr=1e-2, seed=0, device="cpu"
+    )
     assert all(torch.equal(a, b) for a, b in zip(p2.state_dict().values(), p3.state_dict().values()))
     assert r2.history == r3.history
     assert [h["train_loss"] for h in r2.history] == [h["train_loss"] for h in r1.history[:3]]

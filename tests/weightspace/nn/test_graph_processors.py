@@ -6,6 +6,7 @@ decoupled permutation that changes the network's function); batch independence i
 batches; the exact round trip from equivariant outputs back to state dicts, equal to ws.permute of
 the unpermuted outputs.
 """
+
 import pytest
 import torch
 
@@ -53,7 +54,10 @@ def test_negative_control_decoupled_permutation_changes_output(cls):
     x = model.example_input()
     sd = dict(model.state_dict())
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
-    sd["convs.0.weight"], sd["convs.0.bias"] = sd["convs.0.weight"][perm], sd["convs.0.bias"][perm]  # rows only: not a symmetry
+    sd["convs.0.weight"], sd["convs.0.bias"] = (
+        sd["convs.0.weight"][perm],
+        sd["convs.0.bias"][perm],
+    )  # rows only: not a symmetry
     bad = DigitsCNN(8, 2)
     bad.load_state_dict(sd)
     assert not torch.allclose(bad(x), model(x))
@@ -92,9 +96,12 @@ def test_round_trip_from_outputs_is_exact_and_residual_zero_is_identity():
     graphs = [ws.NeuralGraph.from_model(m, m.example_input()) for m in models]
     b = ws.NeuralGraph.batch(graphs)
     col = b.node_feature_names.index("bias")
-    out = wsnn.GraphOutput(b.x[:, col:col + 1], b.edge_attr, ("bias",))
+    out = wsnn.GraphOutput(b.x[:, col : col + 1], b.edge_attr, ("bias",))
     zero = wsnn.GraphOutput(torch.zeros_like(out.nodes), torch.zeros_like(b.edge_attr), ("bias",))
-    for sds in (wsnn.graph_outputs_to_state_dicts(graphs, out), wsnn.graph_outputs_to_state_dicts(graphs, zero, residual=True)):
+    for sds in (
+        wsnn.graph_outputs_to_state_dicts(graphs, out),
+        wsnn.graph_outputs_to_state_dicts(graphs, zero, residual=True),
+    ):
         for m, sd in zip(models, sds):
             ref = m.state_dict()
             assert sd.keys() == ref.keys()
@@ -106,15 +113,17 @@ def test_round_trip_from_outputs_is_exact_and_residual_zero_is_identity():
 @pytest.mark.parametrize("cls", PROCESSORS)
 def test_mixed_architecture_batch_equals_each_graph_alone(cls):
     models = _models()
-    graphs = [ws.NeuralGraph.from_model(m, m.example_input()) for m in models[:2]]  # width 8 depth 2 relu; width 4 depth 3 tanh
+    graphs = [
+        ws.NeuralGraph.from_model(m, m.example_input()) for m in models[:2]
+    ]  # width 8 depth 2 relu; width 4 depth 3 tanh
     p = _make(cls, 2)
     both = p(ws.NeuralGraph.batch(graphs))
     for i, g in enumerate(graphs):
-        torch.testing.assert_close(both[i:i + 1], p(ws.NeuralGraph.batch([g])), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(both[i : i + 1], p(ws.NeuralGraph.batch([g])), rtol=1e-10, atol=1e-10)
     q = _make(cls, None)
     o = q(ws.NeuralGraph.batch(graphs))
     o0 = q(ws.NeuralGraph.batch(graphs[:1]))
-    torch.testing.assert_close(o.edges[:graphs[0].num_edges], o0.edges, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(o.edges[: graphs[0].num_edges], o0.edges, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(both[0], both[1])
 
 
@@ -125,7 +134,11 @@ def test_graphs_from_states_equal_from_model():
     gs = wsnn.graphs_from_states(m, x, [o.state_dict() for o in others])
     for o, g in zip(others, gs):
         ref = ws.NeuralGraph.from_model(o, x)
-        assert torch.equal(g.x, ref.x) and torch.equal(g.edge_attr, ref.edge_attr) and torch.equal(g.edge_index, ref.edge_index)
+        assert (
+            torch.equal(g.x, ref.x)
+            and torch.equal(g.edge_attr, ref.edge_attr)
+            and torch.equal(g.edge_index, ref.edge_index)
+        )
     with pytest.raises(wsnn.GraphInputError, match="missing keys"):
         wsnn.graphs_from_states(m, x, [{"head.weight": torch.zeros(10, 8)}])
 
@@ -148,7 +161,9 @@ def test_bad_input_errors(cls):
         _make(cls, 1, edge_dim=1)(ws.NeuralGraph.batch([g]))
     with pytest.raises(wsnn.GraphInputError, match="max_depth"):
         _make(cls, 1, max_depth=2)(ws.NeuralGraph.batch([g]))
-    bn = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    bn = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 2)
+    ).eval()
     gb = ws.NeuralGraph.from_model(bn, torch.randn(2, 3))
     with pytest.raises(wsnn.GraphInputError, match="not built for"):
         p(ws.NeuralGraph.batch([gb]))

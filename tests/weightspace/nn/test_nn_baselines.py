@@ -1,4 +1,5 @@
 """Baselines: StatNN features equal NumPy's statistics and are invariant; FlatMLP is not invariant."""
+
 import numpy as np
 import pytest
 import torch
@@ -44,6 +45,6 @@ def test_flat_mlp_is_not_invariant_but_runs_both_ways():
     y = net(batch)
     assert y.shape == (3, 1)
     perms = [ws.random_permutation(spec, seed=s) for s in range(3)]
-    assert (net(batch.permute(perms)) - y).abs().max() > 1e-6          # a baseline without the symmetry
+    assert (net(batch.permute(perms)) - y).abs().max() > 1e-6  # a baseline without the symmetry
     edit = wsnn.FlatMLP(spec, hidden_channels=2, num_layers=1, out_features=None).double()(batch)
     assert isinstance(edit, wsnn.WeightSpaceBatch) and len(edit.to_state_dicts()) == 3

@@ -1,4 +1,5 @@
 """WeightSpaceBatch: exact round trips, the group action agrees with ws.permute, clear errors."""
+
 import pytest
 import torch
 
@@ -17,8 +18,10 @@ def test_round_trip_is_exact_and_keeps_buffers_aside(name):
         assert list(bk) == list(sd)
         for k in sd:
             assert bk[k].dtype == sd[k].dtype and torch.equal(bk[k], sd[k]), k
-    if name in ("cnn", "resnet"):      # BatchNorm statistics are kept aside, the counter too
-        assert any(k.endswith("running_var") for k in batch.aside[0]) and not any(k.endswith("running_var") for k in batch.keys)
+    if name in ("cnn", "resnet"):  # BatchNorm statistics are kept aside, the counter too
+        assert any(k.endswith("running_var") for k in batch.aside[0]) and not any(
+            k.endswith("running_var") for k in batch.keys
+        )
 
 
 def test_round_trip_mixed_dtypes_and_buffers_processed():
@@ -26,7 +29,9 @@ def test_round_trip_mixed_dtypes_and_buffers_processed():
     spec = ws.permutation_spec(model, x)
     sd = {k: (v.to(torch.float16) if k.endswith("bias") else v) for k, v in randomize(model, 1).state_dict().items()}
     b = wsnn.WeightSpaceBatch.from_state_dicts([sd, sd], spec, buffers=True)
-    assert any(k.endswith("running_mean") for k in b.keys) and not any(k.endswith("num_batches_tracked") for k in b.keys)
+    assert any(k.endswith("running_mean") for k in b.keys) and not any(
+        k.endswith("num_batches_tracked") for k in b.keys
+    )
     assert b.dtype == torch.float32
     for k, v in b.to_state_dicts()[1].items():
         assert v.dtype == sd[k].dtype and torch.equal(v, sd[k])
@@ -40,7 +45,7 @@ def test_batch_permute_equals_ws_permute_per_network(name):
     for sd, p, g in zip(sds, perms, got):
         want = ws.permute(sd, spec, p)
         for k in sd:
-            assert torch.equal(g[k], want[k]), k          # aside buffers (running stats) move too
+            assert torch.equal(g[k], want[k]), k  # aside buffers (running stats) move too
     # negative control: the identity leaves it, a real permutation changes it
     assert not all(torch.equal(got[0][k], sds[0][k]) for k in sds[0])
 
@@ -87,4 +92,5 @@ def test_bad_inputs_have_clear_errors():
 
 def zoo_mlp_wider():
     from weightspace import zoo
+
     return zoo.MLP(4, (6, 3), 2, seed=0).state_dict()

@@ -1,5 +1,6 @@
 """UNF processors on every architecture the tracer describes: equivariance with one random
 permutation per network, invariance of the readout, negative controls, training, errors."""
+
 import pytest
 import torch
 
@@ -49,7 +50,7 @@ def test_unf_invariant_and_equivariant_on_every_architecture(name, fixed_axes):
 
 def test_unf_layer_channels_and_bottleneck():
     batch, spec, _ = batch_of("mlp", n=2)
-    lift = batch.map(lambda t: torch.cat([t, t ** 2], -1))
+    lift = batch.map(lambda t: torch.cat([t, t**2], -1))
     layer = wsnn.UNFLayer(spec, 2, 5, bottleneck=3).double()
     check_equivariant(layer, lift, spec, invariant=False)
     assert layer(lift).num_channels == 5
@@ -69,7 +70,7 @@ def test_unf_residual_output_is_the_identity_at_init():
 def test_unf_trains_end_to_end():
     # target: an invariant function of the weights (sum of squared first-layer weights); the loss falls
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)          # tiny tensors: one thread is fastest on a shared machine
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared machine
     try:
         _train_once()
     finally:
@@ -90,7 +91,7 @@ def _train_once():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.1 * losses[0]          # about 0.02 after 20 Adam steps
+    assert losses[-1] < 0.1 * losses[0]  # about 0.02 after 20 Adam steps
 
 
 def test_unf_errors():
@@ -125,14 +126,21 @@ def test_unf_cuda_matches_cpu():
 
 def test_unf_on_a_hugging_face_bert():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=8, max_position_embeddings=6, type_vocab_size=1)
+    cfg = transformers.BertConfig(
+        vocab_size=20,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=6,
+        type_vocab_size=1,
+    )
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
     spec = ws.permutation_spec(model, {"input_ids": torch.randint(0, 20, (2, 5))})
-    assert any(l is not None and l.kind == "product" for v in spec.axes.values() for l in v)    # (heads x head_dim)
+    assert any(l is not None and l.kind == "product" for v in spec.axes.values() for l in v)  # (heads x head_dim)
     sds = [transformers.BertModel(cfg).state_dict() for _ in range(2)]
     batch = wsnn.WeightSpaceBatch.from_state_dicts(sds, spec, dtype=torch.float64)
-    batch = batch.map(lambda t: 30 * t + torch.randn(t.shape, dtype=t.dtype))   # BERT's init is tiny (std 0.02)
+    batch = batch.map(lambda t: 30 * t + torch.randn(t.shape, dtype=t.dtype))  # BERT's init is tiny (std 0.02)
     net = wsnn.UNF(spec, 2, 1, out_features=1, fixed_axes="permuted").double()
     check_equivariant(net, batch, spec, invariant=True)
