@@ -22,8 +22,8 @@ Structured axes apply their parts' maps without forming dense Kronecker products
 concat axis ``(q | k | v)`` is split into blocks and each block mapped by its own layout.
 
 Roles come from the module types of ``reference`` when it is given (Linear, ConvNd,
-ConvTransposeNd, Embedding, MultiheadAttention, RNN/LSTM/GRU; every other parameter or buffer is a
-producer), else from a heuristic that is right for Linear/conv/norm layers: 1-D tensors and axis 0
+ConvTransposeNd, Hugging Face's ``Conv1D`` (in, out), MultiheadAttention, RNN/LSTM/GRU; every other
+parameter or buffer, embeddings included, is a producer), else from a heuristic that is right for Linear/conv/norm layers: 1-D tensors and axis 0
 are producers, axes >= 1 of tensors with two or more axes are consumers. An embedding table given
 without ``reference`` would be misread: pass ``reference=`` or ``roles=``.
 """
@@ -58,6 +58,8 @@ def _module_roles(reference: nn.Module) -> Dict[str, Tuple[str, ...]]:
             nd = p.dim()
             roles = [PRODUCER] * nd
             if isinstance(mod, nn.modules.conv._ConvTransposeNd) and pname == "weight":
+                roles[0] = CONSUMER
+            elif type(mod).__name__ == "Conv1D" and pname == "weight" and nd == 2:  # HF GPT-2: (in, out)
                 roles[0] = CONSUMER
             elif isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)) and pname == "weight" and nd >= 2:
                 roles[1:] = [CONSUMER] * (nd - 1)
