@@ -23,7 +23,8 @@ concat axis ``(q | k | v)`` is split into blocks and each block mapped by its ow
 
 Roles come from the module types of ``reference`` when it is given (Linear, ConvNd,
 ConvTransposeNd, Hugging Face's ``Conv1D`` (in, out), MultiheadAttention, RNN/LSTM/GRU; every other
-parameter or buffer, embeddings included, is a producer), else from a heuristic that is right for Linear/conv/norm layers: 1-D tensors and axis 0
+parameter or buffer, embeddings included, is a producer), else from a heuristic that is right for Linear/conv/norm
+layers: 1-D tensors and axis 0
 are producers, axes >= 1 of tensors with two or more axes are consumers. An embedding table given
 without ``reference`` would be misread: pass ``reference=`` or ``roles=``.
 """
