@@ -4,14 +4,14 @@ Part of the CLI (the only part of ``weightspace`` that may import ``merging``, `
 ``viz``, and that prints). Steps, each with a line of output:
 
 1. train two MLPs 64-W-W-10 from different seeds on all digits, tracking neural collapse
-   (Papyan et al. 2020) and the information plane (Shwartz-Ziv & Tishby 2017) every epoch;
+   (Papyan et al. 2020) and the information plane (Shwartz-Ziv & Tishby 2017) every other epoch;
 2. discover their permutation symmetry by tracing and verify it numerically;
 3. merge them with averaging, weight matching and activation matching (Ainsworth et al. 2023,
    arXiv:2209.04836) with and without REPAIR (Jordan et al. 2023, arXiv:2211.08403), and OT fusion
    (Singh & Jaggi 2020, arXiv:1910.05653); barriers before and after alignment;
 4. train a pair on disjoint tasks (digits 0-4 and 5-9) and merge it with averaging, weight matching,
    ZipIt! (Stoica et al. 2024, arXiv:2305.03053) and OT fusion, against the ensemble;
-5. the loss plane through A, the merged model and aligned B (Garipov et al. 2018), path-norms
+5. the loss plane through A, B and their merge (Garipov et al. 2018), path-norms
    (Gonon et al. 2024), weight histograms, the matching heatmap and the neural graph of A.
 """
 
@@ -142,7 +142,7 @@ def run(args: Any, say: Callable[[str], None], progress_factory: Callable[[str],
                 "method": name,
                 "test loss": loss,
                 "test accuracy": acc,
-                "seconds": res.log.get("seconds", float("nan")) if isinstance(res.log, dict) else float("nan"),
+                "seconds": sum(res.log.get("timings", {}).values()),
             }
         )
     best = max(summary, key=lambda r: r["test accuracy"])
@@ -183,11 +183,12 @@ def run(args: Any, say: Callable[[str], None], progress_factory: Callable[[str],
 
     # 5. landscape, path-norms, graph ------------------------------------------------------------------
     t0 = time.perf_counter()
-    b_aligned = ws.permute(b, spec, alignments["weight_matching"].permutations)
+    # the merge is the midpoint of A and *aligned* B, so those three are collinear: the plane goes through
+    # A, the merge and B as trained, which shows the barrier on the A-B line and the merge's valley off it
     plane = analysis.plane(
         a,
         merged["weight_matching"].model,
-        b_aligned,
+        b,
         {"test": test},
         grid=args.grid,
         metrics=("loss",),
@@ -202,6 +203,7 @@ def run(args: Any, say: Callable[[str], None], progress_factory: Callable[[str],
     graph = ws.NeuralGraph.from_model(a, x)
     stats = features.cross_stats(a, b, train, ["acts.0"])
     corr = next(iter(stats.values())).corr
+    perm_fc0 = alignments["activation_matching"].permutations["fc.0"]  # B unit perm[i] is matched to A unit i
     mark("landscape and metrics", t0)
     say(
         f"L1 path-norm A {pns['A'].value:.4g} = permuted A {pns['permuted A'].value:.4g}; B {pns['B'].value:.4g}; "
@@ -223,14 +225,13 @@ def run(args: Any, say: Callable[[str], None], progress_factory: Callable[[str],
     r.add_table(summary, title="Merged models at alpha = 1/2 (test split)")
     r.add(viz.interpolation_figure(curves), title="Loss and accuracy along linear paths, before and after alignment")
     r.add(
-        viz.matching_figure(
-            corr.numpy(), alignments["activation_matching"].permutations["fc.0"].numpy(), maximize=True, group="fc.0"
-        ),
-        title="Correlation of A's and B's first hidden units, with the activation-matching assignment",
+        viz.matching_figure(corr[:, perm_fc0].numpy(), torch.arange(len(perm_fc0)).numpy(), maximize=True, group="fc.0"),  # noqa: E501
+        title="Correlation of A's and B's first hidden units, B's units in the order activation matching chose "
+        "(the matches lie on the diagonal)",
     )
     r.add(
         viz.landscape_figure(plane, metric="loss", split="test", labels={"w0": "A", "w1": "merged", "w2": "B"}),
-        title="Test loss on the plane through A, the weight-matching merge and aligned B (Garipov et al. 2018)",
+        title="Test loss on the plane through A, B and their weight-matching merge (Garipov et al. 2018)",
     )
     r.section("Merging models of disjoint tasks")
     r.add_table(joint, title="Joint 10-class test accuracy of models trained on digits 0-4 and 5-9")
