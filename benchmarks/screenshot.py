@@ -21,12 +21,14 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=1280, help="viewport width in CSS pixels (default 1280)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every figure (default 120)")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("--max-height", type=int, default=None, help="keep only the top N CSS pixels (README picture)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's viz, when run from a clone
     import viz
 
     try:
-        out = viz.screenshot(args.report, args.out, width=args.width, timeout_s=args.timeout, overwrite=args.overwrite)
+        out = viz.screenshot(args.report, args.out, width=args.width, timeout_s=args.timeout, overwrite=args.overwrite,
+                             max_height=args.max_height)
     except viz.VizError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -74,7 +74,8 @@ _PROBE = """() => {
 
 
 def _check_page(
-    b, page_path: Path, n: Optional[int], timeout_s: float, width: int, height: int, screenshot_to
+    b, page_path: Path, n: Optional[int], timeout_s: float, width: int, height: int, screenshot_to,
+    max_height: Optional[int] = None,
 ) -> Dict[str, Any]:
     page = b.new_page(viewport={"width": width, "height": height})
     errors: List[str] = []
@@ -100,7 +101,11 @@ def _check_page(
     page.wait_for_timeout(300)  # let late console errors arrive
     out = page.evaluate(_PROBE)
     if screenshot_to is not None:
-        page.screenshot(path=str(screenshot_to), full_page=True)
+        if max_height:  # the top of the page only (e.g. a README picture)
+            page.screenshot(path=str(screenshot_to), full_page=True,
+                            clip={"x": 0, "y": 0, "width": width, "height": max_height})
+        else:
+            page.screenshot(path=str(screenshot_to), full_page=True)
     page.close()
     out["errors"] = errors
     out["requests"] = requests
@@ -150,11 +155,14 @@ def screenshot(
     width: int = 1280,
     timeout_s: float = 60.0,
     overwrite: bool = False,
+    max_height: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """A full-page PNG of a report after every figure has drawn; returns :func:`browser_check`'s dict."""
+    """A full-page PNG of a report after every figure has drawn (only its top ``max_height`` CSS pixels
+    when given); returns :func:`browser_check`'s dict."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise VizError(f"{out} exists; pass overwrite=True to replace it")
     if not out.parent.is_dir():
         raise VizError(f"directory {out.parent} does not exist")
-    return browser_check(path, timeout_s=timeout_s, width=width, screenshot_to=out)
+    with _browser() as b:
+        return _check_page(b, Path(path).resolve(), None, timeout_s, width, 900, out, max_height)

@@ -84,3 +84,37 @@ def test_negative_controls_fail_the_check(browser_ready, tmp_path):
     assert out_bare["drawn"] == 0 and any("Plotly is not defined" in e for e in out_bare["errors"])
     assert not out_cdn["offline"] and out_cdn["drawn"] == 0
     assert out_default["drawn"] == 1 and out_default["share_buttons"] == 1
+
+
+def test_demo_merge_and_analyze_reports_render(browser_ready, tmp_path, capsys):
+    """The reports the commands write (demo, merge --report, analyze --report) on checkpoints written
+    here render completely offline in Chromium: every figure drawn, no errors, no requests."""
+    from weightspace import io, zoo
+    from weightspace.cli import main
+
+    demo = tmp_path / "demo.html"
+    assert main(["demo", "--out", str(demo), "--epochs", "2", "--width", "16", "--alphas", "5", "--grid", "5"]) == 0
+    a, b = zoo.MLP(64, (16,), 10, seed=0), zoo.MLP(64, (16,), 10, seed=1)
+    train = zoo.load_digits("train")
+    for s, m in enumerate((a, b)):
+        zoo.train(m, train, epochs=2, seed=s)
+    pa, pb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    io.save_state_dict(a, pa)
+    io.save_state_dict(b, pb)
+    merge_html, analyze_html = tmp_path / "merge.html", tmp_path / "analyze.html"
+    rc = main(["merge", str(pa), str(pb), "--method", "weight_matching", "--model", "weightspace.zoo:MLP",
+               "--model-kwargs", '{"hidden": [16]}', "--input-shape", "2,64", "--data", "digits",
+               "--out", str(tmp_path / "m.safetensors"), "--report", str(merge_html)])
+    assert rc == 0
+    rc = main(["analyze", str(pa), "--model", "weightspace.zoo:MLP", "--model-kwargs", '{"hidden": [16]}',
+               "--compare", str(pb), "--grid", "5", "--alphas", "5", "--report", str(analyze_html)])
+    assert rc == 0
+    capsys.readouterr()
+    pages = [demo, merge_html, analyze_html]
+    counts = [p.read_text().count('class="plotly-graph-div"') for p in pages]
+    assert counts[0] >= 8 and counts[1] >= 1 and counts[2] >= 2
+    for page, n, out in zip(pages, counts, viz.browser_check(pages, counts, timeout_s=90)):
+        assert out["drawn"] == n, (page.name, out)
+        assert out["errors"] == [], (page.name, out["errors"])
+        assert out["offline"], (page.name, out["requests"])
+        assert out["share_buttons"] == 0
