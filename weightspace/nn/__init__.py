@@ -57,7 +57,7 @@ _EXPORTS = {
     "FlatMLP": "weightspace.nn._baselines",
     "StatNN": "weightspace.nn._baselines",
     "StatFeatures": "weightspace.nn._baselines",
-    # graph processors, training loops (helper N2)
+    # graph processors, training loops
     "GraphProcessor": "weightspace.nn._graph",
     "GraphOutput": "weightspace.nn._graph",
     "GraphInputError": "weightspace.nn._graph",

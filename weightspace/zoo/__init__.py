@@ -9,7 +9,7 @@ from weightspace.zoo.data import TASKS, digits_loaders, load_digits, parse_class
 from weightspace.zoo.models import (MLP, MODELS, VGG, Activation, BasicBlock, ResNet20, TinyViT, ViTBlock,
                                     example_inputs, make)
 from weightspace.zoo.train import EpochRecord, TrainResult, evaluate, train
-# generated zoos and INRs, user zoos (helper N2)
+# generated zoos and INRs, user zoos
 from weightspace.zoo.zoos import DigitsCNN, ModelZoo, ZooError, digits_cnn_zoo
 from weightspace.zoo.inr import digits_inrs
 from weightspace.zoo.loaders import load_zoo, save_zoo
