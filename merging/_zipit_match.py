@@ -1,7 +1,7 @@
 """ZipIt!'s feature matching: the greedy zip with alpha/beta, and its merge/unmerge matrices.
 
 Stoica, Bolya, Bjorner, Ramesh, Hearn & Hoffman 2024, "ZipIt! Merging Models from Different Tasks
-without Training", ICLR, arXiv:2305.03053 (REFERENCES §2.4).
+without Training", ICLR, arXiv:2305.03053.
 
 The features of ``N`` models at one group (``d`` each) are stacked into ``O = N d`` features with
 correlation ``C`` (``O x O``). Zipping reduces them to ``d`` merged features:

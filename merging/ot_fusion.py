@@ -2,7 +2,7 @@
 
 Singh & Jaggi 2020, "Model Fusion via Optimal Transport", NeurIPS, arXiv:1910.05653; for
 transformers Imfeld, Graldi, Giordano, Hofmann, Anagnostidis & Singh 2024, "Transformer Fusion with
-Optimal Transport", ICLR, arXiv:2310.05719 (REFERENCES §2.5).
+Optimal Transport", ICLR, arXiv:2310.05719.
 
 For every group of the target's spec, in forward (discovery) order, and every source model ``s``:
 

@@ -1,7 +1,7 @@
 """STE matching: learn the permutation through a straight-through estimator of the midpoint loss.
 
 Ainsworth, Hayase & Srinivasa 2023, "Git Re-Basin: Merging Models modulo Permutation Symmetries",
-ICLR, arXiv:2209.04836, Sec. 3.3 and Alg. 2 (REFERENCES §2.2).
+ICLR, arXiv:2209.04836, Sec. 3.3 and Alg. 2.
 
 A proxy ``Theta~`` (initialised at ``Theta_A``) is trained so that weight matching of the proxy to
 ``Theta_B`` yields a permutation whose merge has a low loss. Each mini-batch:

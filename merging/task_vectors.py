@@ -20,7 +20,7 @@ Weights. ``merging.merge(..., weights=w)`` gives weights summing to one; here th
 task coefficients ``c_k = N * w_k``, so the default uniform weights give ``c_k = 1`` -- the papers'
 plain sum ``theta_base + lambda * sum_k delta_k``.
 
-Conventions where implementations disagree (REFERENCES §2.8), all named options:
+Conventions where implementations disagree, all named options:
 
 * TIES trim: ``trim="per_tensor"`` keeps ``max(1, floor(density * numel))`` entries of each tensor
   (mergekit's per-tensor count; mergekit refuses 0); ``trim="global"`` keeps ``floor(density * n)``

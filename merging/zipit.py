@@ -1,7 +1,7 @@
 """ZipIt!: merge models trained on different tasks by zipping features across and within models.
 
 Stoica, Bolya, Bjorner, Ramesh, Hearn & Hoffman 2024, "ZipIt! Merging Models from Different Tasks
-without Training", ICLR, arXiv:2305.03053 (REFERENCES §2.4).
+without Training", ICLR, arXiv:2305.03053.
 
 For every permutation group of the spec (in the forward order of its activation points) the
 features of all ``N`` models are observed on ``data`` at the group's last activation point (after

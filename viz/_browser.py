@@ -3,7 +3,7 @@
 Uses Playwright for Python (``pip install "weightspace[browser]"``; its driver ships inside the
 wheel) with the **system** Chromium (``apt-get install chromium``; never ``playwright install``),
 found from ``$CHROMIUM_PATH`` or ``chromium``/``chromium-browser``/``google-chrome`` on ``PATH`` and
-launched with ``--no-sandbox`` (REFERENCES §8.4).
+launched with ``--no-sandbox``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Inputs are ``analysis.InterpolationCurve`` (or its subclass ``CurveEvaluation``), ``analysis.Barrier``
 and ``analysis.LayerwiseBarriers`` objects, read by attribute. Barrier variants follow
-``InterpolationCurve.barrier`` (REFERENCES §4.1): ``"chord"`` (Entezari et al. 2022,
+``InterpolationCurve.barrier``: ``"chord"`` (Entezari et al. 2022,
 arXiv:2110.06296), ``"mean_endpoint"`` (Frankle et al. 2020, arXiv:1912.05671; Ainsworth et al. 2023,
 arXiv:2209.04836) and ``"midpoint"``; layer-wise barriers follow Adilova et al. (ICLR 2024,
 arXiv:2307.06966).

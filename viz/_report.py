@@ -1,6 +1,6 @@
 """Self-contained, offline HTML reports: sections of text, tables of numbers and Plotly figures.
 
-* plotly.js is inlined once in ``<head>`` (a CDN link renders nothing offline; REFERENCES §8.3), and a
+* plotly.js is inlined once in ``<head>`` (a CDN link renders nothing offline), and a
   Content-Security-Policy ``default-src 'none'`` forbids the page from fetching anything at all;
 * every figure is a ``<div>`` with a fixed id (``figure-0``, ``figure-1``, ...) drawn by
   ``Plotly.newPlot`` with :data:`viz.CONFIG` (no "Share chart..." cloud button, no logo link);

@@ -1,5 +1,5 @@
 """Task-vector merges (task_arithmetic, ties, dare_linear, dare_ties) against closed forms and against
-independent re-implementations of the mergekit and FusionBench conventions (REFERENCES §2.8)."""
+independent re-implementations of the mergekit and FusionBench conventions."""
 
 from collections import OrderedDict
 

@@ -7,7 +7,7 @@ neurons permuted, input and output neurons fixed.
 The DWS layer is the affine map ``W' = (W -> W) + (b -> W)``, ``b' = (b -> b) + (W -> b)`` with one
 block per pair of layers, and Thm 5.1 of the paper states that these blocks span all affine
 HNP-equivariant maps. The published blocks (DeepSets/set layers per pair) miss some of them: 139
-of 142 linear maps on a [3,4,5,2] MLP (REFERENCES.md section 5.7: a wrong "last dim is input" flag
+of 142 linear maps on a [3,4,5,2] MLP (a wrong "last dim is input" flag
 in the ``i = j - 1, j = L - 1`` W->W block and a missing non-neighbour b->W case). Our
 :class:`DWSLayer` is not a port of those set layers: it is the basis engine of
 :mod:`weightspace.nn._basis` restricted to DWS's scope and group. Its terms are organised by the same

@@ -25,7 +25,7 @@ Metanetworks for Processing Diverse Neural Architectures", arXiv:2312.04501):
   ``aggregators`` (mean, max, sum, std; Corso et al. 2020, arXiv:2004.05718),
   ``h_j <- h_j + psi([LN(h_j), agg_in, agg_out])``, and every edge is updated from its endpoints,
   ``e_ij <- e_ij + chi([LN(e_ij), h_i, h_j])``. Mean aggregation keeps the width-duplication
-  invariance of REFERENCES §5.8; sum does not.
+  invariance (Kofinas et al. 2024, arXiv:2403.12143); sum does not.
 * **Outputs.** ``out_features=k``: an invariant readout (per graph: mean and max over nodes, mean
   over edges, then an MLP) -> (B, k). ``out_features=None``: equivariant outputs,
   :class:`GraphOutput` with (N, len(node_features)) node and (E, edge_dim) edge values, which

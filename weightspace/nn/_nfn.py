@@ -16,7 +16,7 @@ Variants
   embeddings, making the processor equivariant to the true (HNP) group only.
 * ``"HNP"`` -- the true symmetry (``fixed_axes="dense"``): inputs/outputs fixed, the map is dense over
   them. The published HNP layer misses some maps (140 of 142 on [3,4,5,2]: the ``v^(L-1) -> W^(L)``
-  terms; REFERENCES.md section 5.2); ours is built from the complete basis and reaches 142.
+  terms); ours is built from the complete basis and reaches 142.
 
 Both are the basis engine of :mod:`weightspace.nn._basis` restricted to NFN's architectures, with
 NFN's pooling for invariant heads (means over permuted axes, HNP keeping one feature per fixed

@@ -11,7 +11,7 @@ biases PyTorch's default ``U(-1/sqrt(fan_in), ...)``. Fitting: Adam (lr 1e-3), f
 all pixels, ``steps`` steps, all INRs of a batch at once (Adam is elementwise and the loss is a sum
 of per-INR losses, so every INR follows exactly its own optimisation).
 
-Variants (the regimes of REFERENCES §6.3; DWSNets, Navon et al. 2023, arXiv:2301.12780, and NFN,
+Variants (the regimes of DWSNets, Navon et al. 2023, arXiv:2301.12780, and NFN,
 Zhou et al. 2023, arXiv:2302.14040, use independent initialisations):
 
 * ``"shared_permuted"`` -- one shared initialisation, then a random permutation of each hidden
