@@ -2,6 +2,7 @@
 no import cycles, every exported name resolves, ruff is clean and public docstring examples run."""
 from __future__ import annotations
 
+import re
 import ast
 import doctest
 import importlib
@@ -318,3 +319,18 @@ def test_ruff_is_clean():
         pytest.skip("ruff is not installed: pip install -e '.[test]' (it is in the test extra)")
     proc = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_sources_cite_papers_not_files_outside_the_repository():
+    """Docstrings, comments and the docs cite papers inline; a citation of the design notes by section
+    number points users to a file they do not have. Negative control: the pattern finds one in a sample."""
+    pattern = re.compile("REFERENCES" + r"(\.md)?\s*(\u00a7|section)")
+    assert pattern.search("the objective depends on it (" + "REFERENCES" + " \u00a72.1)")
+    offenders = []
+    for path in sorted(ROOT.rglob("*")):
+        if path.suffix not in (".py", ".md") or ".git" in path.parts:
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{i}")
+    assert offenders == [], offenders
