@@ -182,31 +182,39 @@ def cmd_analyze(args) -> int:
     other = load_into(_build_model(args), args.compare) if args.compare else None  # fail before the long work
     x = _example(args)
     train, test = _digits_for(model, x)
-    report = viz.Report(f"weightspace analyze: {Path(args.checkpoint).name}")
-    lines = []
+    name = Path(args.checkpoint).name
+    lines, results = [], {}
     land = analysis.landscape(model, {"test": test}, grid=args.grid, dims=2, metrics=("loss",), seed=args.seed,
                               progress=_Progress(f"landscape {args.grid}x{args.grid}", args.quiet))
     lines.append(f"test loss at the checkpoint: {land.center['test']['loss']:.4f}" if land.center else "landscape computed")
+    results["Filter-normalised loss landscape (Li et al. 2018)"] = land
+    if other is not None:
+        curve = analysis.interpolate(model, other, {"train": train, "test": test}, alphas=args.alphas)
+        b = curve.barrier("loss", split="test")
+        lines.append(f"loss barrier to {Path(args.compare).name} (chord, test): {b.value:.4f} at alpha {b.alpha:.2f}")
+        results["Linear interpolation"] = {f"{name} -> {Path(args.compare).name}": curve}
     try:
         pn = analysis.path_norm(model, x, q=1)
         lines.append(f"L1 path-norm: {pn.value:.6g}")
+        results["Path-norm (Gonon et al. 2024)"] = {name: pn}
     except ValueError as exc:
         lines.append(f"path-norm not defined here: {exc}")
     eig = analysis.hessian_eigenvalues(model, test, k=1, seed=args.seed)
     lines.append(f"top Hessian eigenvalue (test loss): {float(eig.eigenvalues[0]):.4g}")
+    results["Sharpness: top Hessian eigenvalue"] = eig
     spec_rows = analysis.spectral_metrics(model)
     lines.append(f"spectral metrics: {len(spec_rows.analysed)} layers analysed, {len(spec_rows.skipped)} skipped")
-    report.add_text("\n".join(lines), title="Summary")
-    report.add(viz.landscape_figure(land, metric="loss", split="test"), title="Filter-normalised loss landscape (test)")
-    if args.compare:
-        curve = analysis.interpolate(model, other, {"train": train, "test": test}, alphas=args.alphas)
-        b = curve.barrier("loss", split="test")
-        lines.append(f"loss barrier to {Path(args.compare).name} (chord, test): {b.value:.4f} at alpha {b.alpha:.2f}")
-        report.add(viz.barrier_figure({f"{Path(args.checkpoint).name} -> {Path(args.compare).name}": curve}, split="test"), title="Linear interpolation")
+    results["Spectral metrics per layer"] = spec_rows
+    results["Norm-based measures (Jiang et al. 2020)"] = analysis.norm_measures(model, test)
+    report = viz.analysis_report(results, f"weightspace analyze: {name}", intro="\n".join(lines),
+                                 provenance={"command": "weightspace analyze " + " ".join(sys.argv[2:]),
+                                             "checkpoint": args.checkpoint, "seed": args.seed})
+    report.add(viz.weight_histogram_figure({name: model} | ({Path(args.compare).name: other} if other else {})),
+               title="Weight histograms")
     for line in lines:
         print(line)
     report.write(out, overwrite=args.overwrite)
-    print(f"wrote {out}")
+    print(f"wrote {out} ({report.num_figures} figures)")
     return 0
 
 

@@ -54,4 +54,8 @@ def test_analyze_checkpoints_with_progress(tmp_path, capsys):
     assert "L1 path-norm" in cap.out and "loss barrier to b.safetensors" in cap.out
     assert "top Hessian eigenvalue" in cap.out
     assert "landscape 5x5: 25/25" in cap.err  # progress reported (a bar on a terminal)
-    assert report.read_text().count('class="plotly-graph-div"') == 2
+    page = report.read_text()
+    # landscape, interpolation, path-norm, spectra, norms, weight histograms: a figure each at least
+    assert page.count('class="plotly-graph-div"') >= 6
+    for section in ("Linear interpolation", "Path-norm", "Spectral metrics per layer", "Provenance"):
+        assert section in page
