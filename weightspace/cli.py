@@ -206,11 +206,13 @@ def cmd_analyze(args) -> int:
     lines.append(f"spectral metrics: {len(spec_rows.analysed)} layers analysed, {len(spec_rows.skipped)} skipped")
     results["Spectral metrics per layer"] = spec_rows
     results["Norm-based measures (Jiang et al. 2020)"] = analysis.norm_measures(model, test)
-    report = viz.analysis_report(results, f"weightspace analyze: {name}", intro="\n".join(lines),
-                                 provenance={"command": "weightspace analyze " + " ".join(sys.argv[2:]),
-                                             "checkpoint": args.checkpoint, "seed": args.seed})
-    report.add(viz.weight_histogram_figure({name: model} | ({Path(args.compare).name: other} if other else {})),
-               title="Weight histograms")
+    report = viz.Report(f"weightspace analyze: {name}").add_text("\n".join(lines), title="Summary")
+    report.section("Weights").add(
+        viz.weight_histogram_figure({name: model} | ({Path(args.compare).name: other} if other else {})),
+        title="Weight histograms")
+    viz.analysis_report(results, report=report,
+                        provenance={"command": "weightspace analyze " + " ".join(sys.argv[2:]),
+                                    "checkpoint": args.checkpoint, "seed": args.seed})
     for line in lines:
         print(line)
     report.write(out, overwrite=args.overwrite)
