@@ -104,11 +104,6 @@ def run(args: Any, say: Callable[[str], None], progress_factory: Callable[[str],
     curves, merged, summary = {}, {}, []
     curves["A vs permuted A"] = analysis.interpolate(a, a_perm, data, alphas=args.alphas)
     curves["naive"] = analysis.interpolate(a, b, data, alphas=args.alphas)
-    alignments = {}
-    for method, kw in (("weight_matching", {}), ("activation_matching", {"data": train})):
-        aln = merging.align(a, b, method=method, example_inputs=x, seed=seed, **kw)
-        alignments[method] = aln
-        curves[method] = analysis.interpolate(a, ws.permute(b, spec, aln.permutations), data, alphas=args.alphas)
     merged["average"] = merging.merge(a, b, method="average")
     merged["weight_matching"] = merging.merge(a, b, method="weight_matching", example_inputs=x, seed=seed)
     merged["activation_matching"] = merging.merge(
@@ -117,6 +112,9 @@ def run(args: Any, say: Callable[[str], None], progress_factory: Callable[[str],
     merged["activation_matching + REPAIR"] = merging.merge(
         a, b, method="activation_matching", example_inputs=x, data=train, repair="repair", seed=seed
     )
+    alignments = {m: merged[m].alignment for m in ("weight_matching", "activation_matching")}  # each aligned once
+    for method, aln in alignments.items():
+        curves[method] = analysis.interpolate(a, ws.permute(b, spec, aln.permutations), data, alphas=args.alphas)
     merged["ot_fusion"] = merging.merge(a, b, method="ot_fusion", example_inputs=x, seed=seed)
     mark("merge pair", t0)
     undone = analysis.interpolate(a, ws.permute(a_perm, spec, ws.invert_permutation(perms)), data, alphas=args.alphas)

@@ -194,6 +194,14 @@ def _digits(x: Any):
 
 
 # --------------------------------------------------------------------------------------------------
+def _save(state_dict, out: Path, settings: dict, overwrite: bool) -> None:
+    """Write the merged weights (atomically, never over an input) with the settings in the metadata."""
+    from weightspace import io
+    from weightspace.results import to_jsonable
+
+    io.save_state_dict(state_dict, out, {_METADATA_KEY: json.dumps(to_jsonable(settings))}, overwrite=overwrite)
+
+
 def run(args) -> int:
     """Run ``weightspace merge``; returns the exit status (errors raise with a message naming the argument)."""
     import merging
@@ -265,9 +273,7 @@ def run(args) -> int:
             stages["merge"] = time.perf_counter() - t0
             inner = dict(res.log.get("timings", {}))
             t0 = time.perf_counter()
-            io.save_state_dict(
-                res.state_dict, out, {_METADATA_KEY: json.dumps(to_jsonable(meta_settings))}, overwrite=args.overwrite
-            )
+            _save(res.state_dict, out, meta_settings, args.overwrite)
             stages["write"] = time.perf_counter() - t0
     else:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -285,9 +291,7 @@ def run(args) -> int:
         stages["merge"] = time.perf_counter() - t0
         inner = dict(res.log.get("timings", {}))
         t0 = time.perf_counter()
-        io.save_state_dict(
-            res.state_dict, out, {_METADATA_KEY: json.dumps(to_jsonable(meta_settings))}, overwrite=args.overwrite
-        )
+        _save(res.state_dict, out, meta_settings, args.overwrite)
         stages["write"] = time.perf_counter() - t0
         if test is not None:
             from weightspace.state import evaluate
