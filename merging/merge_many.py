@@ -59,6 +59,11 @@ def merge_many(
         raise MergeError(
             f"options {bad} are not options of {inner!r} alignment; its options: {sorted(info.align_options)}"
         )
+    if inner_options.get("attention", "permutation") != "permutation":  # merging._procrustes: two models only
+        raise MergeError(
+            f"attention={inner_options['attention']!r} aligns two models (B onto A); MergeMany applies permutations "
+            "only: merge three or more models with attention='permutation', or merge them in pairs"
+        )
     if max_rounds < 1:
         raise MergeError(f"max_rounds must be >= 1, got {max_rounds}")
     spec, n, t0 = ctx.spec, len(ctx.states), time.perf_counter()

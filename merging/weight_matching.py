@@ -47,6 +47,7 @@ from weightspace.results import versions
 from weightspace.state import combine
 from weightspace.symmetry import identity_permutation, permute, random_permutation
 
+from . import _procrustes
 from . import _wm_core as core
 from ._registry import MergeContext, MergeError, MethodOutput, register
 from ._results import Alignment
@@ -266,9 +267,11 @@ def align_weight_matching(
     init: Any = None,
     dtype: str = "float32",
     rtol: Optional[float] = None,
+    attention: str = "permutation",
 ) -> Alignment:
     """Align ``states[1]`` to ``states[0]`` by weight matching (options as :func:`weight_matching`)."""
-    return match_weights(
+    _procrustes.check_attention(attention)
+    aln = match_weights(
         ctx.spec,
         ctx.states[0],
         ctx.states[1],
@@ -281,6 +284,8 @@ def align_weight_matching(
         device=ctx.device,
         param_names=_param_names(ctx),
     )
+    # attention="procrustes": head re-matching + an orthogonal map per head on top of the permutations
+    return _procrustes.align_heads(ctx, aln, attention, param_names=_param_names(ctx))
 
 
 @register(
@@ -298,6 +303,7 @@ def weight_matching(
     init: Any = None,
     dtype: str = "float32",
     rtol: Optional[float] = None,
+    attention: str = "permutation",
 ) -> MethodOutput:
     """Permute model_b into model_a's basis by weight matching, then take the weighted average.
 
@@ -305,14 +311,25 @@ def weight_matching(
     descent with different seeded orders, the best objective kept; ``init`` (None) starting
     permutations (``{group: LongTensor}``, e.g. from an earlier alignment); ``dtype`` ("float32") of
     the cost matrices ("float64" for exact ties); ``rtol`` the relative gain below which a step is
-    rejected as round-off (1e-5 in float32, 1e-10 in float64).
+    rejected as round-off (1e-5 in float32, 1e-10 in float64); ``attention`` ("permutation") or
+    "procrustes": after the descent, re-match attention heads on rotation-invariant scores and map each
+    head's q/k and v/o dims of B by the orthogonal Procrustes solution (Zhang et al. 2025,
+    arXiv:2502.00264; exact symmetry, refused for RoPE heads; see ``merging._procrustes``).
     """
-    aln = align_weight_matching(ctx, max_sweeps=max_sweeps, restarts=restarts, init=init, dtype=dtype, rtol=rtol)
+    aln = align_weight_matching(
+        ctx, max_sweeps=max_sweeps, restarts=restarts, init=init, dtype=dtype, rtol=rtol, attention=attention
+    )
     b_aligned = permute(ctx.states[1], ctx.spec, {g: p.to(ctx.device) for g, p in aln.permutations.items()})
+    if attention != "permutation":  # the per-head orthogonal maps of merging._procrustes
+        b_aligned = _procrustes.rotate_state(b_aligned, aln)
     merged = combine([ctx.states[0], b_aligned], ctx.weights)
     return MethodOutput(
         state_dict=merged,
         alignment=aln,
         endpoints=[ctx.states[0], b_aligned],
-        log={"objective": aln.objective, "sweeps": len(aln.log["restarts"][aln.log["best_restart"]]["sweeps"])},
+        log={
+            "objective": aln.objective,
+            "sweeps": len(aln.log["restarts"][aln.log["best_restart"]]["sweeps"]),
+            **_procrustes.merge_log(aln),
+        },
     )
