@@ -428,11 +428,21 @@ def function_check(
     (relative to the output scale). On a mismatch each head group is tried alone and the error names
     the attention modules whose rotation changes the function."""
     skel = _skeleton(reference)
-    device = next(iter(state_b.values())).device
-    x = _to_device(example_inputs, device)
-    ref = _run(skel, state_b, x)
+    first = next(v for v in state_b.values() if v.is_floating_point())
+    # half precision: the rotated weights are rounded to it, so the tolerance follows its epsilon and the
+    # check runs in float32 (weights and floating inputs)
+    low = first.element_size() < 4
+    tol = max(tol, 8 * float(torch.finfo(first.dtype).eps))
+    x = _to_device(example_inputs, first.device, torch.float32 if low else None)
+
+    def run(state: Mapping[str, torch.Tensor]) -> List[torch.Tensor]:
+        if low:
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        return _run(skel, state, x)
+
+    ref = run(state_b)
     permuted = permute(dict(state_b), aln.spec, aln.permutations)
-    err = _mismatch(ref, _run(skel, rotate_state(permuted, aln), x))
+    err = _mismatch(ref, run(rotate_state(permuted, aln)))
     if err <= tol:
         return {"checked": True, "relative_error": err, "tol": tol}
     bad = []
@@ -445,7 +455,7 @@ def function_check(
             rotations={D: aln.rotations[D] for D in only},
             heads=only,
         )
-        if _mismatch(ref, _run(skel, rotate_state(permuted, sub), x)) > tol:
+        if _mismatch(ref, run(rotate_state(permuted, sub))) > tol:
             bad.append(next(iter(only.values()))["module"])
     raise MergeError(
         f"attention='procrustes': rotating the heads of {sorted(bad) or 'the attention modules'} changes the "
@@ -455,13 +465,13 @@ def function_check(
     )
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
+def _to_device(x: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> Any:
     if torch.is_tensor(x):
-        return x.to(device)
+        return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
     if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
+        return {k: _to_device(v, device, dtype) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
+        return type(x)(_to_device(v, device, dtype) for v in x)
     return x
 
 

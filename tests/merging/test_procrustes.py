@@ -312,3 +312,19 @@ def test_gpu_matches_cpu():
     for D, R in cpu.rotations.items():
         torch.testing.assert_close(gpu.rotations[D], R, rtol=0, atol=1e-6)
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-6)
+
+
+def test_bfloat16_weights_keep_their_dtype_and_function():
+    torch.manual_seed(0)
+    a, b = _Attn().to(torch.bfloat16), _Attn().to(torch.bfloat16)
+    x = torch.randn(2, 5, 6).to(torch.bfloat16)
+    aln = merging.align(a, b, method="weight_matching", example_inputs=x, attention="procrustes")
+    check = aln.log["procrustes"]["function_check"]
+    assert check["checked"] and check["relative_error"] <= check["tol"]
+    s0 = state_of(b)
+    sb = aln.apply(s0)
+    assert all(v.dtype == torch.bfloat16 for v in sb.values())
+    f32 = _Attn()  # evaluated in float32 with the bf16 weights
+    ref = _outputs(f32, x.float(), {k: v.float() for k, v in s0.items()})
+    got = _outputs(f32, x.float(), {k: v.float() for k, v in sb.items()})
+    assert float((got - ref).abs().max() / ref.abs().max()) < 0.05  # bf16 rounding of the rotated weights
