@@ -10,7 +10,9 @@ scores depend on queries and keys only through ``q_h^T k_h`` and the output on v
 
 leave the function unchanged exactly. Permutations of the head dim are the special case
 ``R = P``. Rotary position embeddings (RoPE) break the q/k half of the symmetry: they act on fixed
-pairs of head dims, so the tracer reports a *fixed* head dim and this module refuses.
+pairs of head dims, so the tracer reports a *fixed* q/k head dim and ``attention="procrustes"``
+refuses; the v/o half survives RoPE, and ``attention="procrustes_vo"`` rotates only value/output
+(the within-head groups an output projection reads; told apart by the layer types of a module).
 
 Alignment (``attention="procrustes"`` of weight matching). After the permutation descent of Git
 Re-Basin (Ainsworth, Hayase & Srinivasa 2023, arXiv:2209.04836) has fixed every permutation, the
@@ -27,8 +29,8 @@ projection's head-``i`` columns) as the ``(d, m)`` matrix ``A_i`` of model A and
 Two steps, each exact and never decreasing the objective:
 
 1. *head re-matching*: heads are matched again on the rotation-invariant score
-   ``S[i, j] = sum_D ||X_D[i, j]||_*`` (one maximising assignment; the descent's head matching is
-   kept unless the new one scores higher);
+   ``S[i, j] = sum_D ||X_D[i, j]||_*`` (plus the plain inner products of head dims not rotated;
+   one maximising assignment; the descent's head matching is kept unless the new one scores higher);
 2. *rotation*: each matched head ``(i, h(i))`` and group ``D`` gets ``R = U V^T``; a head whose gain
    ``||X||_* - tr(X)`` is below ``rtol`` times its scale keeps ``R = I`` (identical heads stay as
    they are).
@@ -56,7 +58,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from weightspace.symmetry import permute
+from weightspace.symmetry import axis_roles, permute
 
 from . import _wm_core as core
 from ._registry import MergeError
@@ -78,7 +80,7 @@ __all__ = [
     "merge_log",
 ]
 
-ATTENTION = ("permutation", "procrustes")
+ATTENTION = ("permutation", "procrustes", "procrustes_vo")
 Item = Tuple[str, int, Tuple[int, ...], Optional[str]]  # (key, axis, path to the (H x D) product, D or None)
 
 
@@ -87,7 +89,8 @@ def check_attention(attention: str) -> None:
     if attention not in ATTENTION:
         raise MergeError(
             f"attention must be one of {list(ATTENTION)}, got {attention!r}: 'permutation' matches heads and "
-            "head dims by permutations only; 'procrustes' adds an orthogonal map per head (arXiv:2502.00264)"
+            "head dims by permutations only; 'procrustes' adds an orthogonal map per head to q/k and v/o "
+            "(arXiv:2502.00264); 'procrustes_vo' to v/o only (models with RoPE)"
         )
 
 
@@ -178,6 +181,17 @@ def _module(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else key
 
 
+def _block_name(items: Sequence[Item]) -> str:
+    """The attention module of a head block: the longest common dotted prefix of its projections."""
+    parts = [_module(k).split(".") for k, *_ in items]
+    common = []
+    for xs in zip(*parts):
+        if len(set(xs)) != 1:
+            break
+        common.append(xs[0])
+    return ".".join(common) if common else ", ".join(sorted({_module(k) for k, *_ in items}))
+
+
 # ------------------------------------------------------------------------------------------ structure
 def _candidate_heads(spec) -> Dict[str, List[str]]:
     """Groups acting as part 0 of a two-part product ``(H x D)`` anywhere in the spec -> the keys."""
@@ -197,39 +211,61 @@ def _candidate_heads(spec) -> Dict[str, List[str]]:
     return out
 
 
-def attention_blocks(spec, keys: Sequence[str]) -> Dict[str, List[Item]]:
-    """The head groups of ``spec`` whose within-head dims admit orthogonal maps, with their tensors.
+def attention_blocks(
+    spec,
+    keys: Sequence[str],
+    attention: str = "procrustes",
+    roles: Optional[Mapping[str, Tuple[Optional[str], ...]]] = None,
+) -> Tuple[Dict[str, List[Item]], List[str]]:
+    """The head groups of ``spec`` with their tensors, and the within-head groups to rotate.
 
+    ``attention="procrustes"``: every within-head group (q/k and v/o); ``"procrustes_vo"``: only the
+    groups read by an output projection (a *consumer* axis in ``roles``, :func:`weightspace.axis_roles`
+    of a module of the architecture), which RoPE leaves free. Returns ``({H: items}, [D, ...])``.
     Raises :class:`~merging.MergeError` naming the module where the symmetry does not hold (see the
     module docstring)."""
     keys = list(keys)
+    what = f"attention={attention!r}"
     heads = core.find_heads(spec, keys)
     cands = _candidate_heads(spec)
     if not cands:
         raise MergeError(
-            "attention='procrustes' rotates within attention heads, but the spec has no head-structured axis "
+            f"{what} rotates within attention heads, but the spec has no head-structured axis "
             "(heads x head dim); use attention='permutation' for this model"
         )
+    rotate: List[str] = []
     for H, where in cands.items():
         if H not in heads:
             raise MergeError(
-                f"attention='procrustes': the heads of {_module(where[0])} (group {H!r}) cannot be rotated: their "
+                f"{what}: the heads of {_module(where[0])} (group {H!r}) cannot be rotated: their "
                 "head dims are coupled to something other than the q/k/v/output projections (a per-head norm, a "
                 "gate, a shared key/value head, a buffer); use attention='permutation'"
             )
+        inner = sorted({D for *_, D in heads[H] if D is not None})
+        if attention == "procrustes_vo":
+            mine = [D for D in inner if any(roles[k][ax] == "consumer" for k, ax, _p, d in heads[H] if d == D)]
+            if not mine:
+                raise MergeError(
+                    f"{what}: no value/output head dim of {_block_name(heads[H])} is free to rotate (no "
+                    "output projection reads a permutable head dim); use attention='permutation'"
+                )
+            rotate += mine
+            continue
         fixed = ", ".join(sorted({_module(k) for k, _ax, _p, D in heads[H] if D is None}))
         if fixed:
             raise MergeError(
-                f"attention='procrustes': the head dim of {fixed} is fixed by the "
-                "model (rotary position embeddings, RoPE, act on fixed pairs of head dims), so q/k admit no "
-                "rotation there; use attention='permutation'"
+                f"{what}: the head dim of {fixed} is fixed by the model (rotary position embeddings, RoPE, act "
+                "on fixed pairs of head dims), so q/k admit no rotation there; use attention='procrustes_vo' "
+                "(value/output heads only, which RoPE leaves free) or attention='permutation'"
             )
+        rotate += inner
     inner_keys: Dict[str, set] = {}
     owner: Dict[str, str] = {}  # within-head group -> the attention module it belongs to
     for items in heads.values():
         for k, ax, p, D in items:
-            inner_keys.setdefault(D, set()).add((k, ax, p))
-            owner.setdefault(D, _module(items[0][0]))
+            if D in rotate:
+                inner_keys.setdefault(D, set()).add((k, ax, p))
+                owner.setdefault(D, _block_name(items))
     # a within-head group on any tensor outside its head block (a buffer, a non-parameter) is refused
     for key, layouts in spec.axes.items():
         for lay in layouts:
@@ -238,7 +274,7 @@ def attention_blocks(spec, keys: Sequence[str]) -> Dict[str, List[Item]]:
             for g, _path in lay.groups():
                 if g in inner_keys and key not in {k for k, _, _ in inner_keys[g]}:
                     raise MergeError(
-                        f"attention='procrustes': {key!r} also carries the head dims of {owner[g]} (group "
+                        f"{what}: {key!r} also carries the head dims of {owner[g]} (group "
                         f"{g!r}) but is not a weight or bias of the attention projections; rotations would not "
                         "commute with it; use attention='permutation'"
                     )
@@ -252,22 +288,25 @@ def attention_blocks(spec, keys: Sequence[str]) -> Dict[str, List[Item]]:
                 w = k[: -len("bias")] + "weight" if k.endswith("bias") else None
                 if w is None or not any(kk == w and pp == p for kk, _a, pp in occ):
                     raise MergeError(
-                        f"attention='procrustes': {k!r} is a vector on the head dims of {owner[D]} that is not "
+                        f"{what}: {k!r} is a vector on the head dims of {owner[D]} that is not "
                         "the bias of a projection (a per-head scale or norm weight); orthogonal maps do not "
                         "commute with elementwise scaling; use attention='permutation'"
                     )
-    return heads
+    return heads, rotate
 
 
-def heads_info(blocks: Mapping[str, List[Item]]) -> Dict[str, Dict[str, Any]]:
+def heads_info(blocks: Mapping[str, List[Item]], rotate: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     """``{D: {"head_group": H, "module": name, "where": [(key, axis, path to the (H x D) node)]}}`` for
-    every within-head group of ``blocks`` (what :class:`RotatedAlignment` needs to apply rotations)."""
+    the within-head groups ``rotate`` (default: all) of ``blocks`` (what :class:`RotatedAlignment` needs
+    to apply rotations)."""
     out: Dict[str, Dict[str, Any]] = {}
     for H, items in blocks.items():
         for D in sorted({d for *_, d in items if d is not None}):
+            if rotate is not None and D not in rotate:
+                continue
             out[D] = {
                 "head_group": H,
-                "module": _module(items[0][0]),
+                "module": _block_name(items),
                 "where": [(k, ax, list(p)) for k, ax, p, d in items if d == D],
             }
     return out
@@ -287,11 +326,14 @@ def solve_heads(
     perms: Dict[str, torch.Tensor],
     blocks: Dict[str, List[Item]],
     *,
+    rotate: Optional[Sequence[str]] = None,
     rtol: float = 1e-6,
     rematch: bool = True,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, Any]]:
     """Head re-matching and per-head Procrustes for every block (see the module docstring).
 
+    ``rotate`` names the within-head groups that get orthogonal maps (default: all); the others
+    (and fixed head dims) keep their permutations and enter the head scores as plain inner products.
     Returns ``(permutations, rotations {D: (n_heads, d, d)}, log per head group)``.
     """
     perms_noH = dict(perms)
@@ -304,14 +346,18 @@ def solve_heads(
     for H, items in blocks.items():
         nH = spec.groups[H]
         X: Dict[str, torch.Tensor] = {}
+        dev = state_a[items[0][0]].device
+        plain = torch.zeros(nH, nH, dtype=torch.float64, device=dev)  # unrotated terms: <A_i, B_j>
         for k, ax, path, D in items:
             lay = spec.axes[k][ax]
             a = _read_heads(state_a[k].detach().double(), ax, lay, path, nH)
             b = _read_heads(Bp[k].detach().double().to(a.device), ax, lay, path, nH)
+            if D is None or (rotate is not None and D not in rotate):
+                plain += torch.einsum("iam,jam->ij", a, b)
+                continue
             x = torch.einsum("iam,jbm->ijab", a, b)
             X[D] = X[D] + x if D in X else x
-        dev = next(iter(X.values())).device
-        nuc = torch.zeros(nH, nH, dtype=torch.float64, device=dev)
+        nuc = plain.clone()  # head score: best rotation of every rotated group, the rest as it is
         for x in X.values():
             nuc += torch.linalg.svdvals(x).sum(-1)
         h_old = perms[H].to(dev)
@@ -339,13 +385,13 @@ def solve_heads(
             per_group[D] = {
                 "keys": sorted({k for k, _a, _p, d in items if d == D}),
                 "head_dim": int(R.shape[-1]),
-                "objective_permutation": float(tr.sum()),
+                "objective_unrotated": float(tr.sum()),
                 "objective_rotated": float(torch.where(keep, tr, s).sum()),
                 "gain_per_head": [float(g) for g in torch.where(keep, torch.zeros_like(gain), gain)],
                 "rotated_heads": [int(i) for i in torch.nonzero(~keep).view(-1)],
             }
         logs[H] = {
-            "module": _module(items[0][0]),
+            "module": _block_name(items),
             "n_heads": nH,
             "rematched": not torch.equal(h.cpu(), h_old.cpu()),
             "head_permutation_descent": [int(i) for i in h_old.cpu()],
@@ -485,15 +531,23 @@ def align_heads(ctx: Any, aln: Alignment, attention: str, *, param_names: Option
     t0 = time.perf_counter()
     spec, sa, sb = ctx.spec, ctx.states[0], ctx.states[1]
     keys = core.matched_keys(spec, sa, param_names)
-    blocks = attention_blocks(spec, keys)
-    perms, rotations, logs = solve_heads(spec, sa, sb, aln.permutations, blocks)
+    roles = None
+    if attention == "procrustes_vo":
+        if ctx.reference is None:
+            raise MergeError(
+                "attention='procrustes_vo' tells value/output heads from query/key heads by the layer types: "
+                "pass model_a or model_b as an nn.Module (state dicts alone do not say which axis is an input)"
+            )
+        roles = axis_roles(spec, ctx.reference)
+    blocks, rotate = attention_blocks(spec, keys, attention, roles)
+    perms, rotations, logs = solve_heads(spec, sa, sb, aln.permutations, blocks, rotate=rotate)
     out = RotatedAlignment(
         spec=spec,
         permutations=perms,
         objective=float("nan"),
         settings={**aln.settings, "attention": attention},
         rotations=rotations,
-        heads=heads_info(blocks),
+        heads=heads_info(blocks, rotate),
     )
     # objectives in float64 over the matched keys: permutation-only (the descent's) and rotated
     b_perm = permute(dict(sb), spec, aln.permutations)
@@ -534,7 +588,7 @@ def merge_log(aln: Alignment) -> Dict[str, Any]:
     if not p:
         return {}
     return {
-        "attention": "procrustes",
+        "attention": aln.settings.get("attention", "procrustes"),
         "objective_permutation": p["objective_permutation"],
         "objective_procrustes": p["objective"],
         "rotated_heads": {v["module"]: v["rotated_heads"] for v in p["blocks"].values()},

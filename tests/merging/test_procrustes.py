@@ -148,7 +148,7 @@ def test_objective_at_least_permutation_only_and_recomputed(kind):
     assert aln.objective > p["objective_permutation"] * (1 + 1e-3)
     # per-head bookkeeping adds up: sum of the block gains == the objective change
     gain = sum(
-        g["objective_rotated"] - g["objective_permutation"]
+        g["objective_rotated"] - g["objective_unrotated"]
         for blk in p["blocks"].values()
         for g in blk["groups"].values()
     )
@@ -164,7 +164,7 @@ def test_objective_at_least_permutation_only_and_recomputed(kind):
 def test_planted_rotation_and_permutation_recovered(kind):
     a, _, x, spec = _pair(kind)
     keys = _keys(a, spec)
-    blocks = pr.attention_blocks(spec, keys)
+    blocks, _ = pr.attention_blocks(spec, keys)
     gen = torch.Generator().manual_seed(7)
     P = ws.random_permutation(spec, seed=11)
     rot = {}
@@ -212,7 +212,7 @@ def test_merge_averages_a_with_rotated_b_and_logs_it():
     m = res.log["method"]
     assert m["attention"] == "procrustes"
     assert m["objective_procrustes"] > m["objective_permutation"]
-    assert set(m["rotated_heads"]) == {"encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"}
+    assert set(m["rotated_heads"]) == {"encoder.layer.0.attention", "encoder.layer.1.attention"}
     assert sum(len(v) for v in m["rotated_heads"].values()) == aln.log["procrustes"]["heads_rotated"] > 0
     assert res.settings["options"]["attention"] == "procrustes"
     plain = merging.merge(a, b, method="weight_matching", example_inputs=x, device="cpu")
@@ -266,7 +266,7 @@ class _Attn(nn.Module):
 @pytest.mark.parametrize(
     "mode, match",
     [
-        ("rope", r"head dim of k, q is fixed .*RoPE"),
+        ("rope", r"head dim of k, q is fixed .*RoPE.*'procrustes_vo'"),
         ("dscale", r"heads of q .*cannot be rotated"),
         ("flat", r"'scale' is a vector on the head dims"),
     ],
@@ -294,7 +294,9 @@ def test_bad_options_refused():
     x = zoo.example_inputs(mlp_a)
     with pytest.raises(merging.MergeError, match="no head-structured axis"):
         merging.align(mlp_a, mlp_b, method="weight_matching", example_inputs=x, attention="procrustes")
-    with pytest.raises(merging.MergeError, match=r"attention must be one of \['permutation', 'procrustes'\]"):
+    with pytest.raises(
+        merging.MergeError, match=r"attention must be one of \['permutation', 'procrustes', 'procrustes_vo'\]"
+    ):
         merging.align(mlp_a, mlp_b, method="weight_matching", example_inputs=x, attention="rotate")
     mlp_c = zoo.make("mlp", seed=2)
     with pytest.raises(merging.MergeError, match="aligns two models"):
@@ -328,3 +330,29 @@ def test_bfloat16_weights_keep_their_dtype_and_function():
     ref = _outputs(f32, x.float(), {k: v.float() for k, v in s0.items()})
     got = _outputs(f32, x.float(), {k: v.float() for k, v in sb.items()})
     assert float((got - ref).abs().max() / ref.abs().max()) < 0.05  # bf16 rounding of the rotated weights
+
+
+def test_procrustes_vo_rotates_value_output_only_and_works_with_rope():
+    torch.manual_seed(0)
+    a, b = _Attn("rope"), _Attn("rope")
+    x = torch.randn(2, 5, 6)
+    perm = merging.align(a, b, method="weight_matching", example_inputs=x)
+    aln = merging.align(a, b, method="weight_matching", example_inputs=x, attention="procrustes_vo")
+    assert set(aln.rotations) == {"v#1"}  # the value/output head dim; q/k (fixed by RoPE) untouched
+    p = aln.log["procrustes"]
+    assert p["heads_rotated"] > 0 and p["function_check"]["checked"]
+    sb = aln.apply(state_of(b))
+    torch.testing.assert_close(_outputs(b, x, sb), _outputs(b, x), rtol=1e-4, atol=1e-6)
+    assert aln.objective > p["objective_permutation"] * (1 + 1e-3)
+    assert p["objective_permutation"] == pytest.approx(perm.objective, rel=1e-5)
+    # on BERT it leaves the query/key group alone, rotates value/output, and sits between the two options
+    a, b, x, _ = _pair("bert")
+    vo = merging.align(a, b, method="weight_matching", example_inputs=x, device="cpu", attention="procrustes_vo")
+    assert all(g.endswith("value#1") for g in vo.rotations) and len(vo.rotations) == 2
+    perm, full = _aligned("bert")
+    assert perm.objective * (1 + 1e-6) < vo.objective < full.objective
+    # without a module the layer types are unknown: refused
+    with pytest.raises(merging.MergeError, match="pass model_a or model_b as an nn.Module"):
+        merging.align(
+            state_of(a), state_of(b), method="weight_matching", spec=_pair("bert")[3], attention="procrustes_vo"
+        )
