@@ -194,21 +194,26 @@ def _block_name(items: Sequence[Item]) -> str:
 
 # ------------------------------------------------------------------------------------------ structure
 def _candidate_heads(spec) -> Dict[str, List[str]]:
-    """Groups acting as part 0 of a two-part product ``(H x D)`` anywhere in the spec -> the keys."""
+    """Attention-like head groups -> their keys: groups ``H`` acting as part 0 of a two-part product
+    ``(H x D)`` of which at least one has a permutable head dim ``D`` (products whose inner part is always
+    fixed, such as the ``(channels x spatial)`` flatten of a CNN, are not attention and are left alone)."""
     out: Dict[str, List[str]] = {}
+    free: set = set()
 
     def walk(lay, key):
         if lay is None or lay.kind in ("group", "fixed"):
             return
         if lay.kind == "product" and len(lay.parts) == 2 and lay.parts[0].kind == "group":
             out.setdefault(lay.parts[0].name, []).append(key)
+            if lay.parts[1].kind == "group":
+                free.add(lay.parts[0].name)
         for p in lay.parts:
             walk(p, key)
 
     for key, layouts in spec.axes.items():
         for lay in layouts:
             walk(lay, key)
-    return out
+    return {H: keys for H, keys in out.items() if H in free}
 
 
 def attention_blocks(
@@ -226,8 +231,8 @@ def attention_blocks(
     module docstring)."""
     keys = list(keys)
     what = f"attention={attention!r}"
-    heads = core.find_heads(spec, keys)
     cands = _candidate_heads(spec)
+    heads = {H: items for H, items in core.find_heads(spec, keys).items() if H in cands}
     if not cands:
         raise MergeError(
             f"{what} rotates within attention heads, but the spec has no head-structured axis "

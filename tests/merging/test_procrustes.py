@@ -290,10 +290,16 @@ def test_plain_custom_attention_is_rotated_exactly():
 
 
 def test_bad_options_refused():
+    # a CNN's (channels x spatial) flatten is a product axis too, but not attention
+    vgg_a, vgg_b = zoo.make("vgg", seed=0), zoo.make("vgg", seed=1)
+    with pytest.raises(merging.MergeError, match="no head-structured axis"):
+        merging.align(
+            vgg_a, vgg_b, method="weight_matching", example_inputs=zoo.example_inputs(vgg_a), attention="procrustes"
+        )
     mlp_a, mlp_b = zoo.make("mlp", seed=0), zoo.make("mlp", seed=1)
     x = zoo.example_inputs(mlp_a)
     with pytest.raises(merging.MergeError, match="no head-structured axis"):
-        merging.align(mlp_a, mlp_b, method="weight_matching", example_inputs=x, attention="procrustes")
+        merging.align(mlp_a, mlp_b, method="weight_matching", example_inputs=x, attention="procrustes_vo")
     with pytest.raises(
         merging.MergeError, match=r"attention must be one of \['permutation', 'procrustes', 'procrustes_vo'\]"
     ):
