@@ -311,10 +311,11 @@ def weight_matching(
     descent with different seeded orders, the best objective kept; ``init`` (None) starting
     permutations (``{group: LongTensor}``, e.g. from an earlier alignment); ``dtype`` ("float32") of
     the cost matrices ("float64" for exact ties); ``rtol`` the relative gain below which a step is
-    rejected as round-off (1e-5 in float32, 1e-10 in float64); ``attention`` ("permutation") or
+    rejected as round-off (1e-5 in float32, 1e-10 in float64); ``attention`` ("permutation"),
     "procrustes": after the descent, re-match attention heads on rotation-invariant scores and map each
     head's q/k and v/o dims of B by the orthogonal Procrustes solution (Zhang et al. 2025,
-    arXiv:2502.00264; exact symmetry, refused for RoPE heads; see ``merging._procrustes``).
+    arXiv:2502.00264; an exact symmetry, refused for RoPE q/k), or "procrustes_vo": v/o only (RoPE
+    models); the alignment is then a ``RotatedAlignment`` (see ``merging._procrustes``).
     """
     aln = align_weight_matching(
         ctx, max_sweeps=max_sweeps, restarts=restarts, init=init, dtype=dtype, rtol=rtol, attention=attention
