@@ -68,13 +68,31 @@ def _batches(data: Any, batch_size: Optional[int], gen: torch.Generator, device:
 
 
 def _call(model: nn.Module, params: Dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+    """The model's outputs (logits) on ``x``: a tensor, ``out.logits`` (Hugging Face heads) or ``out[0]``."""
     if isinstance(x, (tuple, list)):
         out = functional_call(model, params, tuple(x))
     elif isinstance(x, dict):
         out = functional_call(model, params, (), x)
     else:
         out = functional_call(model, params, (x,))
-    return out[0] if isinstance(out, (tuple, list)) else out
+    if torch.is_tensor(out):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise MergeError(
+        f"ste trains on the merged model's loss, but {type(model).__name__} returns a {type(out).__name__} without "
+        "logits; merge a model with a task head (e.g. BertForSequenceClassification) or wrap the model so that it "
+        "returns the tensor the loss_fn(outputs, targets) expects"
+    )
+
+
+def _rows(x: Any) -> int:
+    if torch.is_tensor(x):
+        return int(x.shape[0])
+    vals = list(x.values()) if isinstance(x, dict) else list(x)
+    return next(int(v.shape[0]) for v in vals if torch.is_tensor(v))
 
 
 def _merged_loss(ref: nn.Module, state: Dict[str, torch.Tensor], data: Any, device: torch.device,
@@ -82,7 +100,27 @@ def _merged_loss(ref: nn.Module, state: Dict[str, torch.Tensor], data: Any, devi
     st = state
     if has_batchnorm(ref):
         st = recalibrate_bn(ref, data, st, device=device)
-    return float(evaluate(ref, data, st, metrics=("loss",), loss_fn=loss_fn, device=device)["loss"])
+    batches = iter_batches(data, device)
+    first = next(batches)
+    if torch.is_tensor(first[0]):
+        return float(evaluate(ref, data, st, metrics=("loss",), loss_fn=loss_fn, device=device)["loss"])
+    # keyword inputs (Hugging Face): the same row-weighted mean loss, computed here batch by batch
+    lf = loss_fn or nn.functional.cross_entropy
+    modes = {m: m.training for m in ref.modules()}
+    ref.eval()  # scored in eval mode, as evaluate() does; the caller's train/eval flags are restored below
+    total, rows = 0.0, 0
+    try:
+        with torch.no_grad():
+            for x, y in (first, *batches):
+                if y is None:
+                    raise MergeError("ste needs targets: data must yield (inputs, targets) batches")
+                n = _rows(x)
+                total += float(lf(_call(ref, st, x), y)) * n
+                rows += n
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    return total / rows
 
 
 def align_ste(ctx: MergeContext, epochs: int = 3, batch_size: int = 128, lr: float = 1e-2, momentum: float = 0.9,
@@ -180,7 +218,9 @@ def ste(ctx: MergeContext, epochs: int = 3, batch_size: int = 128, lr: float = 1
     ``(inputs, targets)`` pair (a DataLoader is used as it is); ``lr`` (1e-2), ``momentum`` (0.9)
     (SGD only) and ``optimizer`` ("adam", default; "sgd" with lr 1e-2 is the paper's, see the module doc);
     ``max_sweeps`` (100) of each weight matching; ``loss_fn(outputs, targets)``
-    (default cross-entropy). The kept permutation has the lowest merged loss over ``data`` among
+    (default cross-entropy; ``outputs`` is the model's output tensor, ``.logits`` of a Hugging Face
+    head, or the first element of a tuple; keyword inputs such as ``{"input_ids": ...}`` are passed as
+    keywords). The kept permutation has the lowest merged loss over ``data`` among
     weight matching (epoch 0) and the end of every epoch (``alignment.log["epochs"]``).
     """
     aln = align_ste(ctx, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, optimizer=optimizer,
