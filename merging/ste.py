@@ -81,11 +81,19 @@ def _call(model: nn.Module, params: Dict[str, torch.Tensor], x: Any) -> torch.Te
         return out.logits
     if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
         return out[0]
-    raise MergeError(
-        f"ste trains on the merged model's loss, but {type(model).__name__} returns a {type(out).__name__} without "
-        "logits; merge a model with a task head (e.g. BertForSequenceClassification) or wrap the model so that it "
-        "returns the tensor the loss_fn(outputs, targets) expects"
-    )
+    return out  # anything else goes to a user's loss_fn as it is (see _loss)
+
+
+def _loss(loss_fn: Optional[Callable], out: Any, y: Any, model: nn.Module) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(out, y)
+    if not torch.is_tensor(out):
+        raise MergeError(
+            f"ste trains on the merged model's loss, but {type(model).__name__} returns a {type(out).__name__} "
+            "without logits; merge a model with a task head (e.g. BertForSequenceClassification) or pass "
+            "loss_fn=(outputs, targets) -> scalar that reads these outputs"
+        )
+    return nn.functional.cross_entropy(out, y)
 
 
 def _rows(x: Any) -> int:
@@ -105,7 +113,6 @@ def _merged_loss(ref: nn.Module, state: Dict[str, torch.Tensor], data: Any, devi
     if torch.is_tensor(first[0]):
         return float(evaluate(ref, data, st, metrics=("loss",), loss_fn=loss_fn, device=device)["loss"])
     # keyword inputs (Hugging Face): the same row-weighted mean loss, computed here batch by batch
-    lf = loss_fn or nn.functional.cross_entropy
     modes = {m: m.training for m in ref.modules()}
     ref.eval()  # scored in eval mode, as evaluate() does; the caller's train/eval flags are restored below
     total, rows = 0.0, 0
@@ -115,7 +122,7 @@ def _merged_loss(ref: nn.Module, state: Dict[str, torch.Tensor], data: Any, devi
                 if y is None:
                     raise MergeError("ste needs targets: data must yield (inputs, targets) batches")
                 n = _rows(x)
-                total += float(lf(_call(ref, st, x), y)) * n
+                total += float(_loss(loss_fn, _call(ref, st, x), y, ref)) * n
                 rows += n
     finally:
         for m, flag in modes.items():
@@ -137,7 +144,6 @@ def align_ste(ctx: MergeContext, epochs: int = 3, batch_size: int = 128, lr: flo
     w_a, w_b = float(ctx.weights[0]), float(ctx.weights[1])
     ref = copy.deepcopy(ctx.reference).to(dev)
     pkeys = [k for k, p in ref.named_parameters() if p.is_floating_point()]
-    lf = loss_fn or nn.functional.cross_entropy
     t0 = time.perf_counter()
 
     def wm(proxy_state: Dict[str, torch.Tensor], init: Optional[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -182,7 +188,7 @@ def align_ste(ctx: MergeContext, epochs: int = 3, batch_size: int = 128, lr: flo
                     params[k] = (w_a * v + w_b * pb[k]).detach().clone()
                 else:
                     params[k] = v.clone()
-            loss = lf(_call(ref, params, x), y)
+            loss = _loss(loss_fn, _call(ref, params, x), y, ref)
             if not torch.isfinite(loss):
                 raise MergeError(f"ste: the merged loss became {float(loss)} at epoch {epoch}; lower lr")
             opt.zero_grad()

@@ -203,6 +203,22 @@ def test_ste_on_a_hugging_face_head_recovers_the_permutation():
                                                                rel=1e-5)
 
 
+def test_ste_on_a_base_model_with_a_loss_fn_reading_its_outputs():
+    """Without logits STE refuses (asserted above) unless loss_fn reads the model's outputs itself."""
+    m, x, _, spec, perms, mp = _setup("gpt2")
+    y = torch.zeros(x["input_ids"].shape[0])
+
+    def loss_fn(out, target):  # a stand-in objective on the hidden states (targets unused)
+        return out.last_hidden_state.pow(2).mean() + 0 * target.sum()
+
+    res = merging.merge(m, mp, method="ste", spec=spec, data=[(x, y)], epochs=1, loss_fn=loss_fn, device="cpu")
+    inv = ws.invert_permutation(perms)
+    assert all(torch.equal(res.alignment.permutations[g], inv[g]) for g in spec.groups)
+    with torch.no_grad():
+        want = float(loss_fn(m(**x), y))
+    assert res.log["method"]["best_loss"] == pytest.approx(want, rel=1e-5)
+
+
 # ------------------------------------------------------------------ known gaps on Hugging Face task heads
 def _hf_head(kind):
     torch.manual_seed(0)
