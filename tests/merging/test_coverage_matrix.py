@@ -20,6 +20,9 @@ transport attention heads x head dim (no module output exposes them unit by unit
 whose outputs a loss can read (BertModel/GPT2Model return hidden states, no logits); ZipIt! leaves
 those head groups unaligned (averaged as they are) and says so in the log.
 
+Three costly ResNet-20 cells (``SLOW``) are marked ``slow`` (run with ``--runslow``); what they check is
+covered more cheaply by other cells. Known bugs on Hugging Face task heads are strict xfails.
+
 Two command-line tests add what ``tests/weightspace/test_cli_merge.py`` does not cover: the
 data-driven methods through ``--data digits`` and a Hugging Face GPT-2 through ``--model
 module:callable --input-dtype long``.
@@ -46,6 +49,19 @@ METHODS = tuple(merging.methods())
 # tiny configurations: every (method, architecture) pair runs in well under a second
 ZOO_KW = {"mlp": dict(hidden=(16, 16)), "vgg": dict(cfg=(8, "M", 8, "M")), "resnet20": dict(width=1),
           "vit": dict(dim=16, depth=1, heads=2)}
+
+
+# the costliest (method, architecture) cells, each covered more cheaply elsewhere in this file: STE's
+# training epoch on ResNet-20 (STE trains on every other architecture; align() runs on ResNet-20), three
+# ResNet-20s through MergeMany (two run in the merge test), align() by activation matching on ResNet-20
+# (the merge test checks the same alignment)
+SLOW = {("merge", "ste", "resnet20"), ("three", "weight_matching", "resnet20"),
+        ("align", "activation_matching", "resnet20")}
+
+
+def _cells(test, methods, archs=ARCHS):
+    return [pytest.param(m, a, marks=pytest.mark.slow) if (test, m, a) in SLOW else pytest.param(m, a)
+            for m in methods for a in archs]
 
 
 def _hf(arch, seed=0):
@@ -108,8 +124,8 @@ def _finite_and_shaped(merged, ref, x):
 
 
 # ------------------------------------------------------------------ permuted copies: function preserved
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", [n for n, i in merging.methods().items() if "base" not in i.needs])
+@pytest.mark.parametrize(("method", "arch"),
+                         _cells("merge", [n for n, i in merging.methods().items() if "base" not in i.needs]))
 def test_merging_a_permuted_copy_gives_back_the_function(method, arch, caplog):
     m, x, data, spec, perms, mp = _setup(arch)
     info = merging.methods()[method]
@@ -151,8 +167,7 @@ def test_merging_a_permuted_copy_gives_back_the_function(method, arch, caplog):
         assert all(g in caplog.text for g in attn) and "unaligned" in caplog.text
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", [n for n, i in merging.methods().items() if i.aligns])
+@pytest.mark.parametrize(("method", "arch"), _cells("align", [n for n, i in merging.methods().items() if i.aligns]))
 def test_align_recovers_the_planted_permutation(method, arch):
     m, x, data, spec, perms, mp = _setup(arch)
     kw = dict(data=data) if "data" in merging.methods()[method].needs else {}
@@ -168,11 +183,11 @@ def test_align_recovers_the_planted_permutation(method, arch):
     assert all(torch.equal(back[k], v) for k, v in state_of(m).items())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_three_permuted_copies_merge_many_back_to_the_model(arch):
+@pytest.mark.parametrize(("method", "arch"), _cells("three", ["weight_matching"]))
+def test_three_permuted_copies_merge_many_back_to_the_model(method, arch):
     m, x, data, spec, perms, mp = _setup(arch)
     mq = ws.permute(m, spec, ws.random_permutation(spec, seed=2))
-    res = merging.merge(m, mp, mq, method="weight_matching", spec=spec, device="cpu")
+    res = merging.merge(m, mp, mq, method=method, spec=spec, device="cpu")
     assert res.settings["runner"] == "merge_many"
     got, want = _finite_and_shaped(res.model, m, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -303,7 +318,7 @@ def test_task_vectors_of_equal_fine_tunes_give_the_closed_form(method, arch):
     # negative control: the scaling is applied (the plain fine-tune is not the answer)
     assert any(not torch.allclose(res.state_dict[k], base[k] + d, atol=1e-4) for k, d in delta.items())
     _finite_and_shaped(res.model, m, x)
-    if "density" not in info.options:
+    if "density" not in info.options or arch not in ("mlp", "vgg", "gpt2"):  # elementwise: a few archs suffice
         return
     # density 1/2, one fine-tune: every merged entry is 0 or the closed form (DARE: rescaled by 1/density)
     half = merging.merge(ft1, base=m, method=method, seed=0, device="cpu", scaling=s, density=0.5).state_dict
