@@ -3,6 +3,8 @@ weight-matched merge without BN reset, with BN reset and with REPAIR (Jordan et 
 Git Re-Basin Fig. 5), next to the naive average and the endpoints.
 
     OMP_NUM_THREADS=2 python -m benchmarks.bench_merging_resnet --widths 1,2,4 --pairs 2 --epochs 15
+
+``--pair-start k`` starts at seed pair k (seeds 2k, 2k+1), so pairs can be added to an earlier run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", default="1,2,4")
     ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument(
+        "--pair-start",
+        type=int,
+        default=0,
+        help="index of the first seed pair (pair p trains seeds 2p and 2p+1), to add pairs to an earlier run",
+    )
     ap.add_argument("--epochs", type=int, default=15)
     args = ap.parse_args()
     train, test = zoo.load_digits("train", flat=False), zoo.load_digits("test", flat=False)
@@ -30,7 +38,7 @@ def main():
     table = {}
     for w in [int(x) for x in args.widths.split(",")]:
         rows = []
-        for p in range(args.pairs):
+        for p in range(args.pair_start, args.pair_start + args.pairs):
             t0 = time.perf_counter()
             ms = []
             for s in (2 * p, 2 * p + 1):

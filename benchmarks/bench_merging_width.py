@@ -7,6 +7,9 @@ test loss is measured on alpha in {0, .25, .5, .75, 1} (``analysis.interpolate``
 repair every interior alpha on the training data (``merging.merge(..., alpha=a, repair="repair")``).
 
     OMP_NUM_THREADS=2 python -m benchmarks.bench_merging_width --widths 32,128,512,1024 --pairs 2 --epochs 20
+
+``--pair-start k`` starts at seed pair k (seeds 2k, 2k+1), so pairs can be added to an earlier run; the
+per-pair lines it prints are what the tables in ``RESULTS.md`` combine.
 """
 
 from __future__ import annotations
@@ -58,13 +61,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", default="32,128,512,1024")
     ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument(
+        "--pair-start",
+        type=int,
+        default=0,
+        help="index of the first seed pair (pair p trains seeds 2p and 2p+1), to add pairs to an earlier run",
+    )
     ap.add_argument("--epochs", type=int, default=20)
     args = ap.parse_args()
     train, test = zoo.load_digits("train"), zoo.load_digits("test")
     table = {}
     for w in [int(x) for x in args.widths.split(",")]:
         rows = []
-        for p in range(args.pairs):
+        for p in range(args.pair_start, args.pair_start + args.pairs):
             t0 = time.perf_counter()
             a = _train(w, 2 * p, train, test, args.epochs)
             b = _train(w, 2 * p + 1, train, test, args.epochs)

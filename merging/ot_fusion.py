@@ -86,11 +86,12 @@ def _distance(X: torch.Tensor, Y: torch.Tensor, kind: str) -> torch.Tensor:
     return d.sqrt() if kind == "euclidean" else d
 
 
-def _weight_cost(src: Dict[str, torch.Tensor], tgt: Dict[str, torch.Tensor], kind: str, group: str) -> Tuple[torch.Tensor, List[str]]:  # noqa: E501
+def _weight_cost(src: Dict[str, torch.Tensor], tgt: Dict[str, torch.Tensor], kind: str, group: str,
+                 hint: str = "") -> Tuple[torch.Tensor, List[str]]:
     keys = [k for k in tgt if k in src and src[k].shape[1] == tgt[k].shape[1]]
     if not keys:
         raise MergeError(f"ot_fusion: group {group!r} has no parameter rows comparable between the models "
-                         "(use ground_cost='activations' with data=)")
+                         f"(no tensor has this group alone as its output axis){hint}")
     X = torch.cat([src[k] for k in keys], 1)
     Y = torch.cat([tgt[k] for k in keys], 1)
     return _distance(X, Y, kind), keys
@@ -173,6 +174,7 @@ def fuse_states(states: List[Dict[str, torch.Tensor]], specs: List[Any], weights
     moved: List[Dict[str, torch.Tensor]] = []
     plans: List[Dict[str, torch.Tensor]] = []
     infos: List[Dict[str, Any]] = []
+    pts_last = wsf.group_points(spec_t, "last")
     for k, (st, sp) in enumerate(zip(states, specs)):
         if k == target:
             moved.append(st)
@@ -200,7 +202,13 @@ def fuse_states(states: List[Dict[str, torch.Tensor]], specs: List[Any], weights
                 cur = transform({key: st[key] for key in keys}, sp, maps, reference=modules[k], roles=roles[k])
                 src = _producer_rows(cur, sp, roles[k], g)
                 tgt = _producer_rows(tgt_rows_all, spec_t, roles[target], g)
-                C, used = _weight_cost(src, tgt, "sqeuclidean" if cost == "sqeuclidean" else cost, g)
+                if ground_cost == "weights" and g in pts_last:
+                    hint = "; use ground_cost='activations' with data="
+                else:  # e.g. attention heads x head dim: no unit-wise weight rows and no activation point
+                    hint = ("; OT fusion cannot transport this group (for attention: heads x head dim, which no "
+                            "module output exposes unit by unit); use method='weight_matching' or "
+                            "'activation_matching', which match attention heads as blocks")
+                C, used = _weight_cost(src, tgt, "sqeuclidean" if cost == "sqeuclidean" else cost, g, hint)
             T, info = _plan(C, solver, reg)
             info["cost_from"] = used
             maps[g] = _maps(T, unmerge)

@@ -68,13 +68,39 @@ def _batches(data: Any, batch_size: Optional[int], gen: torch.Generator, device:
 
 
 def _call(model: nn.Module, params: Dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+    """The model's outputs (logits) on ``x``: a tensor, ``out.logits`` (Hugging Face heads) or ``out[0]``."""
     if isinstance(x, (tuple, list)):
         out = functional_call(model, params, tuple(x))
     elif isinstance(x, dict):
         out = functional_call(model, params, (), x)
     else:
         out = functional_call(model, params, (x,))
-    return out[0] if isinstance(out, (tuple, list)) else out
+    if torch.is_tensor(out):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    return out  # anything else goes to a user's loss_fn as it is (see _loss)
+
+
+def _loss(loss_fn: Optional[Callable], out: Any, y: Any, model: nn.Module) -> torch.Tensor:
+    if loss_fn is not None:
+        return loss_fn(out, y)
+    if not torch.is_tensor(out):
+        raise MergeError(
+            f"ste trains on the merged model's loss, but {type(model).__name__} returns a {type(out).__name__} "
+            "without logits; merge a model with a task head (e.g. BertForSequenceClassification) or pass "
+            "loss_fn=(outputs, targets) -> scalar that reads these outputs"
+        )
+    return nn.functional.cross_entropy(out, y)
+
+
+def _rows(x: Any) -> int:
+    if torch.is_tensor(x):
+        return int(x.shape[0])
+    vals = list(x.values()) if isinstance(x, dict) else list(x)
+    return next(int(v.shape[0]) for v in vals if torch.is_tensor(v))
 
 
 def _merged_loss(ref: nn.Module, state: Dict[str, torch.Tensor], data: Any, device: torch.device,
@@ -82,7 +108,26 @@ def _merged_loss(ref: nn.Module, state: Dict[str, torch.Tensor], data: Any, devi
     st = state
     if has_batchnorm(ref):
         st = recalibrate_bn(ref, data, st, device=device)
-    return float(evaluate(ref, data, st, metrics=("loss",), loss_fn=loss_fn, device=device)["loss"])
+    batches = iter_batches(data, device)
+    first = next(batches)
+    if torch.is_tensor(first[0]):
+        return float(evaluate(ref, data, st, metrics=("loss",), loss_fn=loss_fn, device=device)["loss"])
+    # keyword inputs (Hugging Face): the same row-weighted mean loss, computed here batch by batch
+    modes = {m: m.training for m in ref.modules()}
+    ref.eval()  # scored in eval mode, as evaluate() does; the caller's train/eval flags are restored below
+    total, rows = 0.0, 0
+    try:
+        with torch.no_grad():
+            for x, y in (first, *batches):
+                if y is None:
+                    raise MergeError("ste needs targets: data must yield (inputs, targets) batches")
+                n = _rows(x)
+                total += float(_loss(loss_fn, _call(ref, st, x), y, ref)) * n
+                rows += n
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+    return total / rows
 
 
 def align_ste(ctx: MergeContext, epochs: int = 3, batch_size: int = 128, lr: float = 1e-2, momentum: float = 0.9,
@@ -99,7 +144,6 @@ def align_ste(ctx: MergeContext, epochs: int = 3, batch_size: int = 128, lr: flo
     w_a, w_b = float(ctx.weights[0]), float(ctx.weights[1])
     ref = copy.deepcopy(ctx.reference).to(dev)
     pkeys = [k for k, p in ref.named_parameters() if p.is_floating_point()]
-    lf = loss_fn or nn.functional.cross_entropy
     t0 = time.perf_counter()
 
     def wm(proxy_state: Dict[str, torch.Tensor], init: Optional[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -144,7 +188,7 @@ def align_ste(ctx: MergeContext, epochs: int = 3, batch_size: int = 128, lr: flo
                     params[k] = (w_a * v + w_b * pb[k]).detach().clone()
                 else:
                     params[k] = v.clone()
-            loss = lf(_call(ref, params, x), y)
+            loss = _loss(loss_fn, _call(ref, params, x), y, ref)
             if not torch.isfinite(loss):
                 raise MergeError(f"ste: the merged loss became {float(loss)} at epoch {epoch}; lower lr")
             opt.zero_grad()
@@ -180,7 +224,9 @@ def ste(ctx: MergeContext, epochs: int = 3, batch_size: int = 128, lr: float = 1
     ``(inputs, targets)`` pair (a DataLoader is used as it is); ``lr`` (1e-2), ``momentum`` (0.9)
     (SGD only) and ``optimizer`` ("adam", default; "sgd" with lr 1e-2 is the paper's, see the module doc);
     ``max_sweeps`` (100) of each weight matching; ``loss_fn(outputs, targets)``
-    (default cross-entropy). The kept permutation has the lowest merged loss over ``data`` among
+    (default cross-entropy; ``outputs`` is the model's output tensor, ``.logits`` of a Hugging Face
+    head, or the first element of a tuple; keyword inputs such as ``{"input_ids": ...}`` are passed as
+    keywords). The kept permutation has the lowest merged loss over ``data`` among
     weight matching (epoch 0) and the end of every epoch (``alignment.log["epochs"]``).
     """
     aln = align_ste(ctx, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, optimizer=optimizer,
