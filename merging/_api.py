@@ -127,7 +127,7 @@ def _check_spec_fits(spec: Any, state: Mapping, name: str) -> None:
 
     if not isinstance(spec, PermutationSpec):
         raise MergeError(f"spec= must be a weightspace.PermutationSpec, not {type(spec).__name__}")
-    optional = set(spec.info.get("non_persistent", ()))
+    optional = spec.optional_keys()
     for key in spec.permuted_keys():
         if key not in state:
             if key in optional:

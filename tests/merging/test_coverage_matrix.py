@@ -247,9 +247,6 @@ def _hf_head(kind):
     return transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **bert)).eval()
 
 
-@pytest.mark.xfail(strict=True, raises=(ws.SpecError, merging.MergeError),
-                   reason="bug (weightspace.symmetry): the traced spec names tied aliases (lm_head.weight = "
-                          "wte.weight) that state dicts hold once; merge() then rejects or cannot permute the state")
 @pytest.mark.parametrize("kind", ["gpt2_lm", "bert_mlm"])
 def test_tied_embedding_heads_merge_back(kind):
     m = _hf_head(kind)

@@ -644,3 +644,26 @@ def test_recurrent_layers(kind, layers, bidirectional):
     assert (rows == hidden) if gates == 1 else (rows.kind == "concat" and list(rows.parts) == [hidden] * gates)
     with pytest.raises(ws.SpecError):  # negative control: recurrent columns left in place
         ws.check_spec(m, spec.with_axes({"rnn.weight_hh_l0": (spec.axes["rnn.weight_hh_l0"][0], None)}), x)
+
+
+def test_tied_aliases_are_optional_and_permuted_like_their_tensor():
+    """GPT-2's LM head is tied to the token embedding: the spec records the alias, a state dict may
+    hold it or not, and where it does the alias is permuted exactly like the tensor it names."""
+    transformers = pytest.importorskip("transformers")
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=20, n_embd=16, n_layer=1, n_head=2, n_positions=8, bos_token_id=0, eos_token_id=0)).eval()
+    x = {"input_ids": torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))}
+    spec = ws.permutation_spec(m, x)
+    assert spec.info["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert "lm_head.weight" in spec.optional_keys()
+    perms = ws.random_permutation(spec, seed=3)
+    full = ws.permute(m.state_dict(), spec, perms)  # state_dict() holds both names
+    assert torch.equal(full["lm_head.weight"], full["transformer.wte.weight"])
+    assert not torch.equal(full["transformer.wte.weight"], m.state_dict()["transformer.wte.weight"])  # control
+    deduped = ws.permute(dict(m.named_parameters()), spec, perms)  # parameters once, as state_of
+    assert "lm_head.weight" not in deduped
+    torch.testing.assert_close(deduped["transformer.wte.weight"], full["transformer.wte.weight"])
+    # a permuted copy computes the same logits (the alias followed its tensor)
+    mp = ws.permute(m, spec, perms)
+    with torch.no_grad():
+        torch.testing.assert_close(mp(**x).logits, m(**x).logits, rtol=1e-4, atol=1e-5)

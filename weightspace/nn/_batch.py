@@ -42,8 +42,8 @@ def _is_buffer_name(key: str) -> bool:
 def default_keys(spec: PermutationSpec, buffers: bool = False) -> Tuple[str, ...]:
     """The keys a processor reads by default: every key of ``spec`` except BatchNorm buffers
     (``running_mean``, ``running_var``, ``num_batches_tracked``; kept with ``buffers=True``, the
-    integer counter never) and the spec's non-persistent keys (absent from state dicts)."""
-    skip = set(spec.info.get("non_persistent", ()))
+    integer counter never) and the spec's optional keys (non-persistent buffers, tied aliases)."""
+    skip = spec.optional_keys()
     out = []
     for k in spec.axes:
         if k in skip or k.endswith("num_batches_tracked"):
@@ -146,7 +146,7 @@ class WeightSpaceBatch:
         unknown = [k for k in ref_keys if k not in spec.axes and torch.is_tensor(ref[k])]
         if keys is None:
             wanted = [
-                k for k in default_keys(spec, buffers) if k in ref or k not in spec.info.get("non_persistent", ())
+                k for k in default_keys(spec, buffers) if k in ref or k not in spec.optional_keys()
             ]
             missing = [k for k in wanted if k not in ref]
             if missing:

@@ -221,7 +221,7 @@ def permute(obj: Union[torch.nn.Module, Mapping[str, torch.Tensor]], spec: Permu
         return new
     if not isinstance(obj, Mapping):
         raise TypeError(f"permute takes an nn.Module or a state dict, not {type(obj).__name__}")
-    optional = set(spec.info.get("non_persistent", ()))
+    optional = spec.optional_keys()
     missing = [k for k in spec.permuted_keys() if k not in obj and k not in optional]
     if missing:
         raise SpecError("the state dict lacks keys that the spec permutes: "

@@ -259,6 +259,12 @@ class PermutationSpec:
     def permuted_keys(self) -> List[str]:
         return [k for k, lay in self.axes.items() if any(l is not None and any(True for _ in l.groups()) for l in lay)]
 
+    def optional_keys(self) -> set:
+        """Keys a state dict may lack: non-persistent buffers (absent from ``state_dict()``) and tied
+        aliases (``info["tied"]``: alias -> the name :func:`weightspace.state.state_of` keeps, e.g.
+        ``lm_head.weight`` -> ``transformer.wte.weight``); a present alias is permuted like its tensor."""
+        return set(self.info.get("non_persistent", ())) | set(self.info.get("tied", {}))
+
     def to_rebasin(self) -> Tuple[Dict[str, List[Tuple[str, int]]], Dict[str, Tuple[Optional[str], ...]]]:
         """Export ``(perm_to_axes, axes_to_perm)`` in the Git Re-Basin reference format.
 

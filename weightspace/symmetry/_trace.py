@@ -451,6 +451,8 @@ def _build_spec(tr: DimTrace, by_id, tensors, persistent) -> PermutationSpec:
         "blocked_ops": tuple(sorted(tr.blocked.items())),
         "blocked_where": dict(tr.blocked_where),
         "non_persistent": tuple(k for k in axes if k not in persistent),
+        # tied weights (one tensor, several names): state_of keeps the first name
+        "tied": {k: ks[0] for ks in by_id.values() if len(ks) > 1 for k in ks[1:] if k in axes},
     }
     info["data_dependent"], info["data_dependent_unflagged"] = tr.data_dependent()
     return PermutationSpec(groups=groups, axes=axes, shapes=shapes, info=info)
