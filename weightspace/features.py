@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from weightspace.checks import NonFiniteError, check_data, check_model, check_module
 from weightspace.results import Result
+from weightspace.tracing import flatten_tensors
 from weightspace.utils import call_model, iter_batches, model_device, module_mode, resolve_device
 
 log = logging.getLogger(__name__)
@@ -212,11 +213,15 @@ def resolve_points(model: nn.Module, points: Points) -> Dict[str, nn.Module]:
 
 
 def _first_tensor(obj: Any, name: str) -> torch.Tensor:
+    """The tensor an activation point stands for: the first tensor of the module's output in the
+    order the tracer records it (``weightspace.tracing.flatten_tensors``), so tuples, dicts and
+    Hugging Face ``ModelOutput`` s (``last_hidden_state`` first) resolve as in the spec."""
     if torch.is_tensor(obj):
         return obj
-    if isinstance(obj, (tuple, list)) and obj and torch.is_tensor(obj[0]):
-        return obj[0]
-    raise TypeError(f"point {name!r} produced a {type(obj).__name__}, not a tensor; pick another module")
+    first = next(iter(flatten_tensors(obj)), None)
+    if first is not None:
+        return first
+    raise TypeError(f"point {name!r} produced a {type(obj).__name__} holding no tensor; pick another module")
 
 
 

@@ -258,9 +258,6 @@ def test_tied_embedding_heads_merge_back(kind):
         torch.testing.assert_close(res.model(**x).logits, m(**x).logits, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug (weightspace.features): the residual stream's last activation point is the 'bert' "
-                          "submodule, whose output is a ModelOutput, which the feature capture rejects")
 @pytest.mark.parametrize("method", ["activation_matching", "zipit"])
 def test_activation_methods_on_a_sequence_classification_head(method):
     m = _hf_head("bert_cls")
