@@ -38,6 +38,7 @@ The per-sweep log records the objective (non-decreasing), the groups solved and 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -64,6 +65,10 @@ def _dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+#: groups smaller than this always take full LAP steps (a full LAP is already cheap there)
+LOCAL_MIN_N = 64
+
+
 def _descent(
     prob: core.Problem,
     perms: Dict[str, torch.Tensor],
@@ -72,30 +77,62 @@ def _descent(
     max_sweeps: int,
     rtol: float,
     lap_method: str,
+    steps: str = "local",
+    local_size: float = 0.125,
 ) -> Dict[str, Any]:
-    """Coordinate descent from ``perms`` (modified in place). Returns the log."""
+    """Coordinate descent from ``perms`` (modified in place). Returns the log.
+
+    ``steps="full"``: every step of a dirty group is a full LAP. ``steps="local"``: a group whose last full
+    LAP moved at most a quarter of its units takes :func:`merging._wm_core.local_step` steps (an exact LAP
+    on a subset of rows, ``ceil(local_size * n)`` candidates per side) while its cost keeps changing; when
+    no group is dirty, every group not proven optimal by a full LAP at its current cost gets one
+    (a *certification* sweep, batched per colour class). The descent stops only when every group is clean
+    and certified, so both variants stop at the same kind of point: no single-group assignment improves it.
+    """
+    if steps not in ("full", "local"):
+        raise MergeError(f"steps must be 'full' or 'local', got {steps!r}")
+    if not 0 < local_size <= 1:
+        raise MergeError(f"local_size must be in (0, 1], got {local_size!r}")
     groups = list(prob.spec.groups)
     order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
-    classes = core.color_classes(prob, order)
-    dirty = set(groups)
+    classes = core.color_classes(prob, order) if steps == "full" else core.color_classes_dsatur(prob, order)
+    dirty = set(groups)  # cost changed since the group's last step
+    unsettled = set(groups)  # not proven optimal by a full LAP at its current cost (always contains ``dirty``)
+    eligible = {
+        g: steps == "local"
+        and g not in prob.heads
+        and g not in prob.self_coupled
+        and prob.spec.groups[g] >= LOCAL_MIN_N
+        for g in groups
+    }
+    local = {g: False for g in groups}  # the next step of a dirty group is a local one
     obj = obj_start = core.objective(prob, perms)
     sweeps: List[Dict[str, Any]] = []
-    n_lap = 0
+    n_lap = n_local = 0
     converged = False
+
+    def moved(g: str) -> None:
+        prob.versions[g] += 1
+        dirty.update(prob.neighbours[g])
+        unsettled.update(prob.neighbours[g])
+
     for sweep in range(max_sweeps):
-        if not dirty:
+        if not dirty and not unsettled:
             converged = True
             break
+        certify = not dirty
+        pending = unsettled if certify else dirty
         t0 = time.perf_counter()
-        solved, changed = 0, []
+        solved, changed, n_loc = 0, [], 0
         for ci in torch.randperm(len(classes), generator=gen).tolist():
-            todo = [g for g in classes[ci] if g in dirty]
+            todo = [g for g in classes[ci] if g in pending]
             if not todo:
                 continue
             blocks = [g for g in todo if g in prob.heads]
             todo = [g for g in todo if g not in prob.heads]
             for H in blocks:  # attention heads: matched as blocks with their inner groups
                 dirty.discard(H)
+                unsettled.discard(H)
                 solved += 1
                 gain, scale, new = core.head_block_step(prob, H, perms, method=lap_method)
                 if gain > rtol * max(scale, 1e-30) and any(not torch.equal(new[g], perms[g]) for g in new):
@@ -103,17 +140,34 @@ def _descent(
                     for g, p in new.items():
                         if not torch.equal(p, perms[g]):
                             perms[g] = p
-                            prob.versions[g] += 1
-                            dirty.update(prob.neighbours[g])
+                            moved(g)
                             changed.append(g)
             costs = {g: core.group_cost(prob, g, perms) for g in todo}
-            sols = core.solve_batch(costs, method=lap_method) if costs else {}
-            n_lap += len(todo)
+            full = [g for g in todo if certify or not local[g]]
+            loc = [g for g in todo if g not in full]
+            if loc:
+                ks = {g: max(1, math.ceil(local_size * costs[g].shape[0])) for g in loc}
+                res = core.local_batch({g: costs[g] for g in loc}, perms, ks, rtol)
+                for g in loc:
+                    dirty.discard(g)
+                    new, gain, n_steps = res[g]
+                    n_local += n_steps
+                    n_loc += n_steps
+                    if gain > 0.0:  # every accepted local step gained more than the tolerance
+                        obj += gain
+                        perms[g] = new
+                        moved(g)
+                        changed.append(g)
+            sols = core.solve_batch({g: costs[g] for g in full}, method=lap_method) if full else {}
+            n_lap += len(full)
             solved += len(todo)
-            for g in todo:
+            for g in full:
                 dirty.discard(g)
+                unsettled.discard(g)
                 new, old = sols[g], perms[g]
-                if torch.equal(new.to(old.device), old):
+                n_moved = int((new.to(old.device) != old).sum())
+                local[g] = eligible[g]
+                if n_moved == 0:
                     continue
                 if g in prob.self_coupled:  # the cost is a linearisation: compare the exact objective
                     keys = prob.keys_of[g]
@@ -129,20 +183,22 @@ def _descent(
                 if gain > rtol * max(scale, 1e-30):
                     obj += gain
                     perms[g] = new.to(old.device)
-                    prob.versions[g] += 1
-                    dirty.update(prob.neighbours[g])
+                    local[g] = eligible[g] and n_moved * 4 <= old.numel()
+                    moved(g)
                     changed.append(g)
         sweeps.append(
             {
                 "sweep": sweep,
+                "kind": "certify" if certify else "descent",
                 "objective": obj,
                 "solved": solved,
+                "local": n_loc,
                 "changed": len(changed),
                 "seconds": time.perf_counter() - t0,
             }
         )
     else:
-        converged = not dirty
+        converged = not dirty and not unsettled
     # per sweep: the running objective (float64 start + the accepted steps' gains, each > 0, so it never
     # decreases); the returned objective is recomputed in float64 from the final permutations
     obj = core.objective(prob, perms)
@@ -152,6 +208,7 @@ def _descent(
         "objective_start": obj_start,
         "converged": converged,
         "n_assignments": n_lap,
+        "n_local_steps": n_local,
         "n_colors": len(classes),
     }
 
@@ -170,6 +227,8 @@ def match_weights(
     device: Any = None,
     param_names: Optional[Sequence[str]] = None,
     lap_method: str = "auto",
+    steps: str = "local",
+    local_size: float = 0.125,
 ) -> Alignment:
     """Weight matching of ``state_b`` onto ``state_a`` over ``spec`` (see the module docstring).
 
@@ -178,6 +237,11 @@ def match_weights(
     """
     if max_sweeps < 1 or restarts < 1:
         raise MergeError(f"max_sweeps and restarts must be >= 1, got {max_sweeps} and {restarts}")
+    if steps not in ("full", "local"):
+        raise MergeError(f"steps must be 'full' (a full LAP per step) or 'local' (local steps, full LAPs to certify), "
+                         f"got {steps!r}")
+    if not (isinstance(local_size, (int, float)) and 0 < local_size <= 1):
+        raise MergeError(f"local_size must be a fraction in (0, 1], got {local_size!r}")
     dt = _dtype(dtype)
     if rtol is None:
         rtol = 1e-5 if dt == torch.float32 else 1e-10
@@ -198,7 +262,16 @@ def match_weights(
         else:
             start = random_permutation(spec, gen)
         perms = {g: p.to(dev) for g, p in start.items()}
-        run = _descent(prob, perms, gen, max_sweeps=max_sweeps, rtol=rtol, lap_method=lap_method)
+        run = _descent(
+            prob,
+            perms,
+            gen,
+            max_sweeps=max_sweeps,
+            rtol=rtol,
+            lap_method=lap_method,
+            steps=steps,
+            local_size=local_size,
+        )
         run["restart"] = r
         if r == 0:
             obj_id = (
@@ -215,6 +288,8 @@ def match_weights(
         "restarts": restarts,
         "dtype": dtype,
         "rtol": rtol,
+        "steps": steps,
+        "local_size": local_size,
         "device": str(dev),
         "keys": len(keys),
         "versions": versions(),
