@@ -109,7 +109,8 @@ def main():
             sw_o.append(len(aln.log["restarts"][0]["sweeps"]))
             print(
                 f"{name} rep {r}: baseline {tb[-1]:.2f}s obj {ob[-1]:.2f} ({nb} sweeps) | ours {to[-1]:.2f}s "
-                f"obj {oo[-1]:.2f} ({sw_o[-1]} sweeps, {aln.log['restarts'][0]['n_assignments']} LAPs)",
+                f"obj {oo[-1]:.2f} ({sw_o[-1]} sweeps, {aln.log['restarts'][0]['n_assignments']} LAPs, "
+                f"{aln.log['restarts'][0].get('n_local_steps', 0)} local steps)",
                 flush=True,
             )
         mb, mo = statistics.median(tb), statistics.median(to)

@@ -51,7 +51,8 @@ def isolate(t: torch.Tensor, ax: int, layout, path: Tuple[int, ...]) -> torch.Te
 
 def permute_axes(t: torch.Tensor, layouts, perms: Perms, skip=None) -> torch.Tensor:
     """``t`` with every axis gathered by its layout under ``perms``; on axis ``skip[0]`` the group(s)
-    ``skip[1]`` (a name or a collection of names) are held at the identity (other sub-axes still move)."""
+    ``skip[1]`` (a name or a collection of names) are held at the identity (other sub-axes still move).
+    Axes whose gather is the identity are not copied (``t`` itself comes back when none moves)."""
     out = t
     for ax, lay in enumerate(layouts):
         if lay is None:
@@ -63,6 +64,8 @@ def permute_axes(t: torch.Tensor, layouts, perms: Perms, skip=None) -> torch.Ten
             idx = lay.index(p, device=t.device)
         else:
             idx = lay.index(perms, device=t.device)
+        if torch.equal(idx, torch.arange(idx.numel(), device=idx.device)):
+            continue  # identity on this axis: no copy (a descent starts at the identity)
         out = out.index_select(ax, idx)
     return out
 
@@ -474,8 +477,11 @@ def local_descent(C: torch.Tensor, perm: torch.Tensor, k: int, rtol: float, max_
     return torch.from_numpy(p).to(perm.device), total, steps
 
 
-def local_batch(costs: Dict[str, torch.Tensor], perms: Perms, k: Dict[str, int], rtol: float, workers=None):
-    """:func:`local_descent` for independent groups, on solver threads (SciPy and NumPy release the GIL)."""
+def local_batch(
+    costs: Dict[str, torch.Tensor], perms: Perms, k: Dict[str, int], rtol: float, max_steps: int = 1, workers=None
+):
+    """:func:`local_descent` (``max_steps`` local steps at most) for independent groups, on solver threads
+    (SciPy and NumPy release the GIL)."""
     from merging.solvers._threads import run_batch
 
     names = list(costs)
@@ -483,7 +489,7 @@ def local_batch(costs: Dict[str, torch.Tensor], perms: Perms, k: Dict[str, int],
 
     def one(b: int) -> None:
         g = names[b]
-        out[g] = local_descent(costs[g], perms[g], k[g], rtol)
+        out[g] = local_descent(costs[g], perms[g], k[g], rtol, max_steps)
 
     entries = max((c.numel() for c in costs.values()), default=0)
     run_batch(one, len(names), entries, workers)

@@ -83,8 +83,9 @@ def _descent(
     """Coordinate descent from ``perms`` (modified in place). Returns the log.
 
     ``steps="full"``: every step of a dirty group is a full LAP. ``steps="local"``: a group whose last full
-    LAP moved at most a quarter of its units takes :func:`merging._wm_core.local_step` steps (an exact LAP
-    on a subset of rows, ``ceil(local_size * n)`` candidates per side) while its cost keeps changing; when
+    LAP moved at most a quarter of its units takes one :func:`merging._wm_core.local_step` per step (an
+    exact LAP on a subset of rows, ``ceil(local_size * n)`` candidates per side; repeating it on the same
+    cost measured slower: the neighbours move on anyway) while its cost keeps changing; when
     no group is dirty, every group not proven optimal by a full LAP at its current cost gets one
     (a *certification* sweep, batched per colour class). The descent stops only when every group is clean
     and certified, so both variants stop at the same kind of point: no single-group assignment improves it.
