@@ -417,23 +417,24 @@ def color_classes_dsatur(prob: Problem, order: Sequence[str]) -> List[List[str]]
     return [classes[c] for c in sorted(classes)]
 
 
-def _local_np(M: np.ndarray, Mt: np.ndarray, p: np.ndarray, k: int):
-    """One :func:`local_step` on NumPy ``M`` (``Mt`` its contiguous transpose); returns ``(perm, gain, |S|)``."""
+def _local_np(M: np.ndarray, p: np.ndarray, k: int):
+    """One :func:`local_step` on the NumPy matrix ``M``; returns ``(perm, gain, |S|)``."""
     n = M.shape[0]
     ar = np.arange(n)
     inv = np.empty_like(p)
     inv[p] = ar
     diag = M[ar, p]
     rarg = M.argmax(1)
-    carg = Mt.argmax(1)
     rgap = M[ar, rarg] - diag  # >= 0: how far row i is below its best column
-    cgap = Mt[ar, carg] - diag[inv]  # >= 0: how far column j's current row is below column j's best row
+    cgap = M.max(0) - diag[inv]  # >= 0: how far column j's current row is below column j's best row
     if k < n:
         rtop = np.argpartition(-rgap, k - 1)[:k]
         ctop = np.argpartition(-cgap, k - 1)[:k]
     else:
         rtop = ctop = ar
-    S = np.unique(np.concatenate([rtop, inv[rarg[rtop]], inv[ctop], carg[ctop]]))
+    # best rows of the chosen columns only: a column argmax over all of M is a slow strided scan
+    carg = np.ascontiguousarray(M[:, ctop].T).argmax(1)
+    S = np.unique(np.concatenate([rtop, inv[rarg[rtop]], inv[ctop], carg]))
     cols = p[S]
     sub = M[np.ix_(S, cols)].astype(np.float64)
     res = linear_assignment(sub, maximize=True, workers=1)  # NumPy in: SciPy, no torch round trip
@@ -455,7 +456,7 @@ def local_step(C: torch.Tensor, perm: torch.Tensor, k: int):
     before it stops. Returns ``(new perm, gain in float64, |S|)``.
     """
     M = C.detach().cpu().numpy()
-    new, gain, size = _local_np(M, np.ascontiguousarray(M.T), perm.cpu().numpy(), min(int(k), M.shape[0]))
+    new, gain, size = _local_np(M, perm.cpu().numpy(), min(int(k), M.shape[0]))
     return torch.from_numpy(new).to(perm.device), gain, size
 
 
@@ -463,13 +464,12 @@ def local_descent(C: torch.Tensor, perm: torch.Tensor, k: int, rtol: float, max_
     """:func:`local_step` repeated on one cost until a step gains at most ``rtol * |value|`` (every accepted
     step gains more, so the value increases strictly). Returns ``(perm, total gain, steps)``."""
     M = C.detach().cpu().numpy()
-    Mt = np.ascontiguousarray(M.T)
     p = perm.cpu().numpy()
     k = min(int(k), M.shape[0])
     val = float(M[np.arange(M.shape[0]), p].sum(dtype=np.float64))
     total, steps = 0.0, 0
     while steps < max_steps:
-        new, gain, _ = _local_np(M, Mt, p, k)
+        new, gain, _ = _local_np(M, p, k)
         steps += 1
         if gain <= rtol * max(abs(val), abs(val + gain), 1e-30) or np.array_equal(new, p):
             break
@@ -503,7 +503,10 @@ def solve_batch(costs: Dict[str, torch.Tensor], method: str = "auto", workers=No
         by_size.setdefault(C.shape[0], []).append(g)
     out = {}
     for _n, gs in by_size.items():
-        stack = torch.stack([costs[g] for g in gs]).double()
+        first = costs[gs[0]]
+        stack = torch.empty((len(gs),) + tuple(first.shape), dtype=torch.float64, device=first.device)
+        for i, g in enumerate(gs):  # one float64 copy per cost (no float32 stack first)
+            stack[i].copy_(costs[g])
         res = linear_assignment(stack, maximize=True, method=method, workers=workers)
         cols = res.col_ind
         for i, g in enumerate(gs):
