@@ -131,3 +131,15 @@ def test_bad_step_options_are_named():
         match_weights(spec, state_of(m), state_of(m), steps="fast")
     with pytest.raises(merging.MergeError, match="local_size"):
         match_weights(spec, state_of(m), state_of(m), local_size=0.0)
+
+
+def test_step_options_reach_merge_and_full_steps_match_match_weights():
+    a, b = zoo.make("mlp", hidden=(80, 80), seed=0), zoo.make("mlp", hidden=(80, 80), seed=1)
+    x = zoo.example_inputs(a)
+    res = merging.merge(a, b, method="weight_matching", example_inputs=x, seed=2, device="cpu", steps="full")
+    assert res.alignment.settings["steps"] == "full"
+    names = [k for k, _ in a.named_parameters()]
+    ref = match_weights(res.spec, state_of(a), state_of(b), seed=2, param_names=names, steps="full")
+    assert all(torch.equal(res.alignment.permutations[g], ref.permutations[g]) for g in res.spec.groups)
+    with pytest.raises(merging.MergeError, match="steps must be"):
+        merging.merge(a, b, method="weight_matching", example_inputs=x, device="cpu", steps="exact")
