@@ -102,7 +102,8 @@ def _descent(
     no group is dirty, every group not proven optimal by a full LAP at its current cost gets one
     (a *certification* sweep, batched per colour class). The descent stops only when every group is clean
     and certified, so both variants stop at the same kind of point: no single-group assignment improves it.
-    Local steps are taken in the first half of ``max_sweeps`` only; the second half runs full steps.
+    With local steps the run may take up to ``max_sweeps`` passes with local steps, then up to
+    ``max_sweeps`` passes of full steps only.
     """
     if steps not in ("full", "local"):
         raise MergeError(f"steps must be 'full' or 'local', got {steps!r}")
@@ -131,11 +132,13 @@ def _descent(
         dirty.update(prob.neighbours[g])
         unsettled.update(prob.neighbours[g])
 
-    for sweep in range(max_sweeps):
+    # local passes are cheap (a few groups, small LAPs): up to ``max_sweeps`` of them, then up to
+    # ``max_sweeps`` passes of full steps, so a run never does more full-LAP passes than the reference's cap
+    for sweep in range(2 * max_sweeps if any(eligible.values()) else max_sweeps):
         if not dirty and not unsettled:
             converged = True
             break
-        if sweep == max_sweeps // 2 and any(eligible.values()):  # the second half of the budget: full steps only
+        if sweep == max_sweeps and any(eligible.values()):  # the second budget: full steps only
             log.info("weight matching: %d sweeps without convergence; full LAP steps from here on", sweep)
             eligible = {g: False for g in groups}
             local = {g: False for g in groups}
@@ -401,7 +404,8 @@ def weight_matching(
 ) -> MethodOutput:
     """Permute model_b into model_a's basis by weight matching, then take the weighted average.
 
-    Options: ``max_sweeps`` (100) caps the sweeps of coordinate descent; ``restarts`` (1) runs of
+    Options: ``max_sweeps`` (100) caps the sweeps of coordinate descent (with local steps: up to
+    ``max_sweeps`` cheap local passes, then up to ``max_sweeps`` full-step passes); ``restarts`` (1) runs of
     descent with different seeded orders, the best objective kept; ``init`` (None) starting
     permutations (``{group: LongTensor}``, e.g. from an earlier alignment); ``dtype`` ("float32") of
     the cost matrices ("float64" for exact ties); ``rtol`` the relative gain below which a step is
