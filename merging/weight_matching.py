@@ -28,7 +28,8 @@ What this implementation adds to the reference algorithm (same fixed points):
 * **batched independent groups** -- groups are coloured (DSatur, Brelaz 1979) so that groups of one
   colour share no tensor; their assignments do not interact and are solved together in one batched
   :func:`merging.solvers.linear_assignment` call (threads over SciPy on the CPU);
-* **local steps** (``steps="local"``, the default) -- once a group's full LAP moves at most a quarter of
+* **local steps** (``steps="local"``; the default ``"auto"`` takes them for groups of 1024 units and
+  more, where the ``O(n^3)`` LAPs dominate) -- once a group's full LAP moves at most a quarter of
   its units, its next steps solve the LAP exactly on a subset ``S`` only: the rows (and columns) furthest
   below their row (column) maximum plus the rows holding the columns they prefer, about a third of the
   rows at ``local_size=0.125``. The optimum over permutations that agree with the current one outside
@@ -78,8 +79,14 @@ def _dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-#: groups smaller than this always take full LAP steps (a full LAP is already cheap there)
+#: ``steps="local"``: groups smaller than this always take full LAP steps (a full LAP is already cheap there)
 LOCAL_MIN_N = 64
+#: ``steps="auto"``: local steps only for groups of at least this many units. Measured on 2 shared CPU cores
+#: (benchmarks/RESULTS.md): at n = 2048 the O(n^3) LAPs dominate and local steps cut the full LAPs from 55
+#: to 17 (CPU time 25 s -> 15 s); at n <= 512 a full LAP costs about two cost updates, and the extra passes
+#: that local steps need made the 8-layer 512-wide MLP slower than full steps.
+AUTO_LOCAL_MIN_N = 1024
+_STEPS = ("auto", "local", "full")
 
 
 def _descent(
@@ -90,7 +97,7 @@ def _descent(
     max_sweeps: int,
     rtol: float,
     lap_method: str,
-    steps: str = "local",
+    steps: str = "auto",
     local_size: float = 0.125,
 ) -> Dict[str, Any]:
     """Coordinate descent from ``perms`` (modified in place). Returns the log.
@@ -105,8 +112,8 @@ def _descent(
     With local steps the run may take up to ``max_sweeps`` passes with local steps, then up to
     ``max_sweeps`` passes of full steps only.
     """
-    if steps not in ("full", "local"):
-        raise MergeError(f"steps must be 'full' or 'local', got {steps!r}")
+    if steps not in _STEPS:
+        raise MergeError(f"steps must be one of {_STEPS}, got {steps!r}")
     if not 0 < local_size <= 1:
         raise MergeError(f"local_size must be in (0, 1], got {local_size!r}")
     groups = list(prob.spec.groups)
@@ -114,11 +121,12 @@ def _descent(
     classes = core.color_classes(prob, order) if steps == "full" else core.color_classes_dsatur(prob, order)
     dirty = set(groups)  # cost changed since the group's last step
     unsettled = set(groups)  # not proven optimal by a full LAP at its current cost (always contains ``dirty``)
+    min_n = LOCAL_MIN_N if steps == "local" else AUTO_LOCAL_MIN_N
     eligible = {
-        g: steps == "local"
+        g: steps != "full"
         and g not in prob.heads
         and g not in prob.self_coupled
-        and prob.spec.groups[g] >= LOCAL_MIN_N
+        and prob.spec.groups[g] >= min_n
         for g in groups
     }
     local = {g: False for g in groups}  # the next step of a dirty group is a local one
@@ -249,7 +257,7 @@ def match_weights(
     device: Any = None,
     param_names: Optional[Sequence[str]] = None,
     lap_method: str = "auto",
-    steps: str = "local",
+    steps: str = "auto",
     local_size: float = 0.125,
 ) -> Alignment:
     """Weight matching of ``state_b`` onto ``state_a`` over ``spec`` (see the module docstring).
@@ -259,9 +267,9 @@ def match_weights(
     """
     if max_sweeps < 1 or restarts < 1:
         raise MergeError(f"max_sweeps and restarts must be >= 1, got {max_sweeps} and {restarts}")
-    if steps not in ("full", "local"):
-        raise MergeError(f"steps must be 'full' (a full LAP per step) or 'local' (local steps, full LAPs to certify), "
-                         f"got {steps!r}")
+    if steps not in _STEPS:
+        raise MergeError(f"steps must be 'auto', 'local' (local steps, full LAPs to certify) or 'full' (a full LAP "
+                         f"per step), got {steps!r}")
     if not (isinstance(local_size, (int, float)) and 0 < local_size <= 1):
         raise MergeError(f"local_size must be a fraction in (0, 1], got {local_size!r}")
     dt = _dtype(dtype)
@@ -363,7 +371,7 @@ def align_weight_matching(
     init: Any = None,
     dtype: str = "float32",
     rtol: Optional[float] = None,
-    steps: str = "local",
+    steps: str = "auto",
     local_size: float = 0.125,
 ) -> Alignment:
     """Align ``states[1]`` to ``states[0]`` by weight matching (options as :func:`weight_matching`)."""
@@ -399,7 +407,7 @@ def weight_matching(
     init: Any = None,
     dtype: str = "float32",
     rtol: Optional[float] = None,
-    steps: str = "local",
+    steps: str = "auto",
     local_size: float = 0.125,
 ) -> MethodOutput:
     """Permute model_b into model_a's basis by weight matching, then take the weighted average.
@@ -409,10 +417,11 @@ def weight_matching(
     descent with different seeded orders, the best objective kept; ``init`` (None) starting
     permutations (``{group: LongTensor}``, e.g. from an earlier alignment); ``dtype`` ("float32") of
     the cost matrices ("float64" for exact ties); ``rtol`` the relative gain below which a step is
-    rejected as round-off (1e-5 in float32, 1e-10 in float64); ``steps`` ("local") takes cheap local
+    rejected as round-off (1e-5 in float32, 1e-10 in float64); ``steps``: "local" takes cheap local
     steps (an exact LAP on the ``local_size`` (0.125) fraction of rows furthest from their best column,
-    plus the rows these compete with) and certifies every group with a full LAP before stopping, or
-    "full" for a full LAP at every step (the reference algorithm); both stop at a coordinate-wise optimum.
+    plus the rows these compete with) and certifies every group with a full LAP before stopping, "full"
+    a full LAP at every step (the reference algorithm), "auto" (default) local steps for groups of at
+    least ``AUTO_LOCAL_MIN_N`` (1024) units only; all stop at a coordinate-wise optimum.
     """
     aln = align_weight_matching(
         ctx,
