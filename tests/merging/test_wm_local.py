@@ -143,3 +143,18 @@ def test_step_options_reach_merge_and_full_steps_match_match_weights():
     assert all(torch.equal(res.alignment.permutations[g], ref.permutations[g]) for g in res.spec.groups)
     with pytest.raises(merging.MergeError, match="steps must be"):
         merging.merge(a, b, method="weight_matching", example_inputs=x, device="cpu", steps="exact")
+
+
+def test_auto_takes_local_steps_only_for_groups_above_the_threshold(monkeypatch):
+    from merging import weight_matching as wm
+
+    a, b = zoo.make("mlp", hidden=(128,) * 3, seed=0), zoo.make("mlp", hidden=(128,) * 3, seed=1)
+    spec = ws.permutation_spec(a, zoo.example_inputs(a))
+    names = [k for k, _ in a.named_parameters()]
+    below = match_weights(spec, state_of(a), state_of(b), param_names=names)  # 128 < AUTO_LOCAL_MIN_N
+    assert below.settings["steps"] == "auto" and below.log["restarts"][0]["n_local_steps"] == 0
+    monkeypatch.setattr(wm, "AUTO_LOCAL_MIN_N", 128)
+    above = match_weights(spec, state_of(a), state_of(b), param_names=names)
+    assert above.log["restarts"][0]["n_local_steps"] > 0 and above.log["restarts"][0]["converged"]
+    gains = single_group_gains(spec, state_of(a), state_of(b), above.permutations, param_names=names)
+    assert max(gains.values()) <= 1e-4 * abs(above.objective)  # float32 costs: rtol 1e-5 per step
