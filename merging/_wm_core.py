@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from merging.solvers import linear_assignment
@@ -50,7 +51,8 @@ def isolate(t: torch.Tensor, ax: int, layout, path: Tuple[int, ...]) -> torch.Te
 
 def permute_axes(t: torch.Tensor, layouts, perms: Perms, skip=None) -> torch.Tensor:
     """``t`` with every axis gathered by its layout under ``perms``; on axis ``skip[0]`` the group(s)
-    ``skip[1]`` (a name or a collection of names) are held at the identity (other sub-axes still move)."""
+    ``skip[1]`` (a name or a collection of names) are held at the identity (other sub-axes still move).
+    Axes whose gather is the identity are not copied (``t`` itself comes back when none moves)."""
     out = t
     for ax, lay in enumerate(layouts):
         if lay is None:
@@ -62,6 +64,8 @@ def permute_axes(t: torch.Tensor, layouts, perms: Perms, skip=None) -> torch.Ten
             idx = lay.index(p, device=t.device)
         else:
             idx = lay.index(perms, device=t.device)
+        if torch.equal(idx, torch.arange(idx.numel(), device=idx.device)):
+            continue  # identity on this axis: no copy (a descent starts at the identity)
         out = out.index_select(ax, idx)
     return out
 
@@ -391,6 +395,107 @@ def color_classes(prob: Problem, order: Sequence[str]) -> List[List[str]]:
     return [classes[c] for c in sorted(classes)]
 
 
+def color_classes_dsatur(prob: Problem, order: Sequence[str]) -> List[List[str]]:
+    """DSatur colouring (Brelaz 1979) of the group graph, ties broken by ``order``: never more colours than
+    :func:`color_classes` on chains and trees (a chain gets 2), so batches are larger."""
+    rank = {g: i for i, g in enumerate(order)}
+    color: Dict[str, int] = {}
+    nbrs = {g: [h for h in prob.neighbours[g] if h != g] for g in order}
+    while len(color) < len(order):
+        g = max(
+            (g for g in order if g not in color),
+            key=lambda g: (len({color[h] for h in nbrs[g] if h in color}), len(nbrs[g]), -rank[g]),
+        )
+        used = {color[h] for h in nbrs[g] if h in color}
+        c = 0
+        while c in used:
+            c += 1
+        color[g] = c
+    classes: Dict[int, List[str]] = {}
+    for g in order:
+        classes.setdefault(color[g], []).append(g)
+    return [classes[c] for c in sorted(classes)]
+
+
+def _local_np(M: np.ndarray, p: np.ndarray, k: int):
+    """One :func:`local_step` on the NumPy matrix ``M``; returns ``(perm, gain, |S|)``."""
+    n = M.shape[0]
+    ar = np.arange(n)
+    inv = np.empty_like(p)
+    inv[p] = ar
+    diag = M[ar, p]
+    rarg = M.argmax(1)
+    rgap = M[ar, rarg] - diag  # >= 0: how far row i is below its best column
+    cgap = M.max(0) - diag[inv]  # >= 0: how far column j's current row is below column j's best row
+    if k < n:
+        rtop = np.argpartition(-rgap, k - 1)[:k]
+        ctop = np.argpartition(-cgap, k - 1)[:k]
+    else:
+        rtop = ctop = ar
+    # best rows of the chosen columns only: a column argmax over all of M is a slow strided scan
+    carg = np.ascontiguousarray(M[:, ctop].T).argmax(1)
+    S = np.unique(np.concatenate([rtop, inv[rarg[rtop]], inv[ctop], carg]))
+    cols = p[S]
+    sub = M[np.ix_(S, cols)].astype(np.float64)
+    res = linear_assignment(sub, maximize=True, workers=1)  # NumPy in: SciPy, no torch round trip
+    gain = float(res.objective) - float(sub.trace())
+    new = p.copy()
+    new[S] = cols[res.col_ind]
+    return new, gain, int(S.size)
+
+
+def local_step(C: torch.Tensor, perm: torch.Tensor, k: int):
+    """Best re-assignment of a subset ``S`` of rows among their own current columns (maximisation).
+
+    ``S`` = the ``k`` rows whose current value ``C[i, perm[i]]`` is furthest below their row maximum, the
+    ``k`` columns furthest below their column maximum (through their current rows), and the rows holding
+    the columns these prefer. The LAP on ``C[S, perm[S]]`` (size ``|S|``, usually far below ``n``) is
+    solved exactly, so the step is the optimum over all permutations that agree with ``perm`` outside
+    ``S``: its gain is ``>= 0`` and ``perm`` itself is feasible. It is *not* a full coordinate step (a
+    better assignment may move rows outside ``S``), so the descent certifies every group with a full LAP
+    before it stops. Returns ``(new perm, gain in float64, |S|)``.
+    """
+    M = C.detach().cpu().numpy()
+    new, gain, size = _local_np(M, perm.cpu().numpy(), min(int(k), M.shape[0]))
+    return torch.from_numpy(new).to(perm.device), gain, size
+
+
+def local_descent(C: torch.Tensor, perm: torch.Tensor, k: int, rtol: float, max_steps: int = 64):
+    """:func:`local_step` repeated on one cost until a step gains at most ``rtol * |value|`` (every accepted
+    step gains more, so the value increases strictly). Returns ``(perm, total gain, steps)``."""
+    M = C.detach().cpu().numpy()
+    p = perm.cpu().numpy()
+    k = min(int(k), M.shape[0])
+    val = float(M[np.arange(M.shape[0]), p].sum(dtype=np.float64))
+    total, steps = 0.0, 0
+    while steps < max_steps:
+        new, gain, _ = _local_np(M, p, k)
+        steps += 1
+        if gain <= rtol * max(abs(val), abs(val + gain), 1e-30) or np.array_equal(new, p):
+            break
+        p, val, total = new, val + gain, total + gain
+    return torch.from_numpy(p).to(perm.device), total, steps
+
+
+def local_batch(
+    costs: Dict[str, torch.Tensor], perms: Perms, k: Dict[str, int], rtol: float, max_steps: int = 1, workers=None
+):
+    """:func:`local_descent` (``max_steps`` local steps at most) for independent groups, on solver threads
+    (SciPy and NumPy release the GIL)."""
+    from merging.solvers._threads import run_batch
+
+    names = list(costs)
+    out: Dict[str, tuple] = {}
+
+    def one(b: int) -> None:
+        g = names[b]
+        out[g] = local_descent(costs[g], perms[g], k[g], rtol, max_steps)
+
+    entries = max((c.numel() for c in costs.values()), default=0)
+    run_batch(one, len(names), entries, workers)
+    return out
+
+
 def solve_batch(costs: Dict[str, torch.Tensor], method: str = "auto", workers=None) -> Dict[str, torch.Tensor]:
     """Maximising LAP of every cost, same-size problems stacked into one batched call."""
     by_size: Dict[int, List[str]] = {}
@@ -398,7 +503,10 @@ def solve_batch(costs: Dict[str, torch.Tensor], method: str = "auto", workers=No
         by_size.setdefault(C.shape[0], []).append(g)
     out = {}
     for _n, gs in by_size.items():
-        stack = torch.stack([costs[g] for g in gs]).double()
+        first = costs[gs[0]]
+        stack = torch.empty((len(gs),) + tuple(first.shape), dtype=torch.float64, device=first.device)
+        for i, g in enumerate(gs):  # one float64 copy per cost (no float32 stack first)
+            stack[i].copy_(costs[g])
         res = linear_assignment(stack, maximize=True, method=method, workers=workers)
         cols = res.col_ind
         for i, g in enumerate(gs):

@@ -25,9 +25,23 @@ What this implementation adds to the reference algorithm (same fixed points):
   reference's final confirmation sweep costs nothing here);
 * **per-occurrence cost caches** -- each ``(key, axis)`` term of ``C_g`` is recomputed only when one
   of the groups it depends on changed;
-* **batched independent groups** -- groups are coloured so that groups of one colour share no tensor;
-  their assignments do not interact and are solved together in one batched
+* **batched independent groups** -- groups are coloured (DSatur, Brelaz 1979) so that groups of one
+  colour share no tensor; their assignments do not interact and are solved together in one batched
   :func:`merging.solvers.linear_assignment` call (threads over SciPy on the CPU);
+* **local steps** (``steps="local"``; the default ``"auto"`` takes them for groups of 1024 units and
+  more, where the ``O(n^3)`` LAPs dominate) -- once a group's full LAP moves at most a quarter of
+  its units, its next steps solve the LAP exactly on a subset ``S`` only: the rows (and columns) furthest
+  below their row (column) maximum plus the rows holding the columns they prefer, about a third of the
+  rows at ``local_size=0.125``. The optimum over permutations that agree with the current one outside
+  ``S`` never lowers the objective and costs ``O(|S|^3)`` instead of ``O(n^3)``. When no group is dirty,
+  every group not yet proven optimal by a full LAP at its current cost gets one (certification sweeps,
+  batched); so the run stops at the same kind of point as the reference: no single-group LAP improves
+  it (checked by :func:`single_group_gains`). Two exact alternatives were measured first and rejected
+  (on the 64-512x8-10 MLP): skipping a LAP by the dual bound ``sum_i max_j (C'_ij - v_j) + sum_j v_j -
+  C'(pi)`` (``v`` the exact duals of the group's last solve) never fired -- a neighbour's move changes
+  every entry of ``C_g`` by a low-rank term, so the bound was 0.2-1.4% of the group's value against a
+  1e-5 tolerance in all 205 steps -- and warm-started Jonker-Volgenant augmentation from those duals
+  freed 100-250 of 512 rows per step and took 10-30x a cold SciPy LAP in Python;
 * the costs are built with batched torch operations on the models' device (GPU when asked);
 * ``restarts`` with seeded orders (restart 0 from the identity, others from random permutations) keep
   the best objective; the visiting order is seeded (the objective depends on it by ~2% between seeds).
@@ -38,6 +52,7 @@ The per-sweep log records the objective (non-decreasing), the groups solved and 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -65,6 +80,16 @@ def _dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+#: ``steps="local"``: groups smaller than this always take full LAP steps (a full LAP is already cheap there)
+LOCAL_MIN_N = 64
+#: ``steps="auto"``: local steps only for groups of at least this many units. Measured on 2 shared CPU cores
+#: (benchmarks/RESULTS.md): at n = 2048 the O(n^3) LAPs dominate and local steps cut the full LAPs from 55
+#: to 17 (CPU time 25 s -> 15 s); at n <= 512 a full LAP costs about two cost updates, and the extra passes
+#: that local steps need made the 8-layer 512-wide MLP slower than full steps.
+AUTO_LOCAL_MIN_N = 1024
+_STEPS = ("auto", "local", "full")
+
+
 def _descent(
     prob: core.Problem,
     perms: Dict[str, torch.Tensor],
@@ -73,30 +98,72 @@ def _descent(
     max_sweeps: int,
     rtol: float,
     lap_method: str,
+    steps: str = "auto",
+    local_size: float = 0.125,
 ) -> Dict[str, Any]:
-    """Coordinate descent from ``perms`` (modified in place). Returns the log."""
+    """Coordinate descent from ``perms`` (modified in place). Returns the log.
+
+    ``steps="full"``: every step of a dirty group is a full LAP. ``steps="local"``: a group whose last full
+    LAP moved at most a quarter of its units takes one :func:`merging._wm_core.local_step` per step (an
+    exact LAP on a subset of rows, ``ceil(local_size * n)`` candidates per side; repeating it on the same
+    cost measured slower: the neighbours move on anyway) while its cost keeps changing; when
+    no group is dirty, every group not proven optimal by a full LAP at its current cost gets one
+    (a *certification* sweep, batched per colour class). The descent stops only when every group is clean
+    and certified, so both variants stop at the same kind of point: no single-group assignment improves it.
+    With local steps the run may take up to ``max_sweeps`` passes with local steps, then up to
+    ``max_sweeps`` passes of full steps only.
+    """
+    if steps not in _STEPS:
+        raise MergeError(f"steps must be one of {_STEPS}, got {steps!r}")
+    if not 0 < local_size <= 1:
+        raise MergeError(f"local_size must be in (0, 1], got {local_size!r}")
     groups = list(prob.spec.groups)
     order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
-    classes = core.color_classes(prob, order)
-    dirty = set(groups)
+    classes = core.color_classes(prob, order) if steps == "full" else core.color_classes_dsatur(prob, order)
+    dirty = set(groups)  # cost changed since the group's last step
+    unsettled = set(groups)  # not proven optimal by a full LAP at its current cost (always contains ``dirty``)
+    min_n = LOCAL_MIN_N if steps == "local" else AUTO_LOCAL_MIN_N
+    eligible = {
+        g: steps != "full"
+        and g not in prob.heads
+        and g not in prob.self_coupled
+        and prob.spec.groups[g] >= min_n
+        for g in groups
+    }
+    local = {g: False for g in groups}  # the next step of a dirty group is a local one
     obj = obj_start = core.objective(prob, perms)
     sweeps: List[Dict[str, Any]] = []
-    n_lap = 0
+    n_lap = n_local = 0
     converged = False
-    for sweep in range(max_sweeps):
-        if not dirty:
+
+    def moved(g: str) -> None:
+        prob.versions[g] += 1
+        dirty.update(prob.neighbours[g])
+        unsettled.update(prob.neighbours[g])
+
+    # local passes are cheap (a few groups, small LAPs): up to ``max_sweeps`` of them, then up to
+    # ``max_sweeps`` passes of full steps, so a run never does more full-LAP passes than the reference's cap
+    for sweep in range(2 * max_sweeps if any(eligible.values()) else max_sweeps):
+        if not dirty and not unsettled:
             converged = True
             break
+        if sweep == max_sweeps and any(eligible.values()):  # the second budget: full steps only
+            log.info("weight matching: %d sweeps without convergence; full LAP steps from here on", sweep)
+            eligible = {g: False for g in groups}
+            local = {g: False for g in groups}
+        certify = not dirty
+        pending = unsettled if certify else dirty
         t0 = time.perf_counter()
-        solved, changed = 0, []
+        solved, changed, n_loc = 0, [], 0
         for ci in torch.randperm(len(classes), generator=gen).tolist():
-            todo = [g for g in classes[ci] if g in dirty]
+            todo = [g for g in classes[ci] if g in pending]
             if not todo:
                 continue
             blocks = [g for g in todo if g in prob.heads]
             todo = [g for g in todo if g not in prob.heads]
             for H in blocks:  # attention heads: matched as blocks with their inner groups
                 dirty.discard(H)
+                unsettled.discard(H)
                 solved += 1
                 gain, scale, new = core.head_block_step(prob, H, perms, method=lap_method)
                 if gain > rtol * max(scale, 1e-30) and any(not torch.equal(new[g], perms[g]) for g in new):
@@ -104,17 +171,34 @@ def _descent(
                     for g, p in new.items():
                         if not torch.equal(p, perms[g]):
                             perms[g] = p
-                            prob.versions[g] += 1
-                            dirty.update(prob.neighbours[g])
+                            moved(g)
                             changed.append(g)
             costs = {g: core.group_cost(prob, g, perms) for g in todo}
-            sols = core.solve_batch(costs, method=lap_method) if costs else {}
-            n_lap += len(todo)
+            full = [g for g in todo if certify or not local[g]]
+            loc = [g for g in todo if g not in full]
+            if loc:
+                ks = {g: max(1, math.ceil(local_size * costs[g].shape[0])) for g in loc}
+                res = core.local_batch({g: costs[g] for g in loc}, perms, ks, rtol)
+                for g in loc:
+                    dirty.discard(g)
+                    new, gain, n_steps = res[g]
+                    n_local += n_steps
+                    n_loc += n_steps
+                    if gain > 0.0:  # every accepted local step gained more than the tolerance
+                        obj += gain
+                        perms[g] = new
+                        moved(g)
+                        changed.append(g)
+            sols = core.solve_batch({g: costs[g] for g in full}, method=lap_method) if full else {}
+            n_lap += len(full)
             solved += len(todo)
-            for g in todo:
+            for g in full:
                 dirty.discard(g)
+                unsettled.discard(g)
                 new, old = sols[g], perms[g]
-                if torch.equal(new.to(old.device), old):
+                n_moved = int((new.to(old.device) != old).sum())
+                local[g] = eligible[g]
+                if n_moved == 0:
                     continue
                 if g in prob.self_coupled:  # the cost is a linearisation: compare the exact objective
                     keys = prob.keys_of[g]
@@ -130,20 +214,22 @@ def _descent(
                 if gain > rtol * max(scale, 1e-30):
                     obj += gain
                     perms[g] = new.to(old.device)
-                    prob.versions[g] += 1
-                    dirty.update(prob.neighbours[g])
+                    local[g] = eligible[g] and n_moved * 4 <= old.numel()
+                    moved(g)
                     changed.append(g)
         sweeps.append(
             {
                 "sweep": sweep,
+                "kind": "certify" if certify else "descent",
                 "objective": obj,
                 "solved": solved,
+                "local": n_loc,
                 "changed": len(changed),
                 "seconds": time.perf_counter() - t0,
             }
         )
     else:
-        converged = not dirty
+        converged = not dirty and not unsettled
     # per sweep: the running objective (float64 start + the accepted steps' gains, each > 0, so it never
     # decreases); the returned objective is recomputed in float64 from the final permutations
     obj = core.objective(prob, perms)
@@ -153,6 +239,7 @@ def _descent(
         "objective_start": obj_start,
         "converged": converged,
         "n_assignments": n_lap,
+        "n_local_steps": n_local,
         "n_colors": len(classes),
     }
 
@@ -171,6 +258,8 @@ def match_weights(
     device: Any = None,
     param_names: Optional[Sequence[str]] = None,
     lap_method: str = "auto",
+    steps: str = "auto",
+    local_size: float = 0.125,
 ) -> Alignment:
     """Weight matching of ``state_b`` onto ``state_a`` over ``spec`` (see the module docstring).
 
@@ -179,6 +268,11 @@ def match_weights(
     """
     if max_sweeps < 1 or restarts < 1:
         raise MergeError(f"max_sweeps and restarts must be >= 1, got {max_sweeps} and {restarts}")
+    if steps not in _STEPS:
+        raise MergeError(f"steps must be 'auto', 'local' (local steps, full LAPs to certify) or 'full' (a full LAP "
+                         f"per step), got {steps!r}")
+    if not (isinstance(local_size, (int, float)) and 0 < local_size <= 1):
+        raise MergeError(f"local_size must be a fraction in (0, 1], got {local_size!r}")
     dt = _dtype(dtype)
     if rtol is None:
         rtol = 1e-5 if dt == torch.float32 else 1e-10
@@ -199,7 +293,16 @@ def match_weights(
         else:
             start = random_permutation(spec, gen)
         perms = {g: p.to(dev) for g, p in start.items()}
-        run = _descent(prob, perms, gen, max_sweeps=max_sweeps, rtol=rtol, lap_method=lap_method)
+        run = _descent(
+            prob,
+            perms,
+            gen,
+            max_sweeps=max_sweeps,
+            rtol=rtol,
+            lap_method=lap_method,
+            steps=steps,
+            local_size=local_size,
+        )
         run["restart"] = r
         if r == 0:
             obj_id = (
@@ -216,6 +319,8 @@ def match_weights(
         "restarts": restarts,
         "dtype": dtype,
         "rtol": rtol,
+        "steps": steps,
+        "local_size": local_size,
         "device": str(dev),
         "keys": len(keys),
         "versions": versions(),
@@ -267,6 +372,8 @@ def align_weight_matching(
     init: Any = None,
     dtype: str = "float32",
     rtol: Optional[float] = None,
+    steps: str = "auto",
+    local_size: float = 0.125,
     attention: str = "permutation",
 ) -> Alignment:
     """Align ``states[1]`` to ``states[0]`` by weight matching (options as :func:`weight_matching`)."""
@@ -283,6 +390,8 @@ def align_weight_matching(
         rtol=rtol,
         device=ctx.device,
         param_names=_param_names(ctx),
+        steps=steps,
+        local_size=local_size,
     )
     # attention="procrustes": head re-matching + an orthogonal map per head on top of the permutations
     return _procrustes.align_heads(ctx, aln, attention, param_names=_param_names(ctx))
@@ -303,22 +412,38 @@ def weight_matching(
     init: Any = None,
     dtype: str = "float32",
     rtol: Optional[float] = None,
+    steps: str = "auto",
+    local_size: float = 0.125,
     attention: str = "permutation",
 ) -> MethodOutput:
     """Permute model_b into model_a's basis by weight matching, then take the weighted average.
 
-    Options: ``max_sweeps`` (100) caps the sweeps of coordinate descent; ``restarts`` (1) runs of
+    Options: ``max_sweeps`` (100) caps the sweeps of coordinate descent (with local steps: up to
+    ``max_sweeps`` cheap local passes, then up to ``max_sweeps`` full-step passes); ``restarts`` (1) runs of
     descent with different seeded orders, the best objective kept; ``init`` (None) starting
     permutations (``{group: LongTensor}``, e.g. from an earlier alignment); ``dtype`` ("float32") of
     the cost matrices ("float64" for exact ties); ``rtol`` the relative gain below which a step is
-    rejected as round-off (1e-5 in float32, 1e-10 in float64); ``attention`` ("permutation"),
-    "procrustes": after the descent, re-match attention heads on rotation-invariant scores and map each
-    head's q/k and v/o dims of B by the orthogonal Procrustes solution (Zhang et al. 2025,
-    arXiv:2502.00264; an exact symmetry, refused for RoPE q/k), or "procrustes_vo": v/o only (RoPE
-    models); the alignment is then a ``RotatedAlignment`` (see ``merging._procrustes``).
+    rejected as round-off (1e-5 in float32, 1e-10 in float64); ``steps``: "local" takes cheap local
+    steps (an exact LAP on the ``local_size`` (0.125) fraction of rows furthest from their best column,
+    plus the rows these compete with) and certifies every group with a full LAP before stopping, "full"
+    a full LAP at every step (the reference algorithm), "auto" (default) local steps for groups of at
+    least ``AUTO_LOCAL_MIN_N`` (1024) units only; all stop at a coordinate-wise optimum.
+    ``attention`` ("permutation"), "procrustes": after the descent, re-match attention heads on
+    rotation-invariant scores and map each head's q/k and v/o dims of B by the orthogonal Procrustes
+    solution (Zhang et al. 2025, arXiv:2502.00264; an exact symmetry, refused for RoPE q/k), or
+    "procrustes_vo": v/o only (RoPE models); the alignment is then a ``RotatedAlignment`` (see
+    ``merging._procrustes``).
     """
     aln = align_weight_matching(
-        ctx, max_sweeps=max_sweeps, restarts=restarts, init=init, dtype=dtype, rtol=rtol, attention=attention
+        ctx,
+        max_sweeps=max_sweeps,
+        restarts=restarts,
+        init=init,
+        dtype=dtype,
+        rtol=rtol,
+        steps=steps,
+        local_size=local_size,
+        attention=attention,
     )
     b_aligned = permute(ctx.states[1], ctx.spec, {g: p.to(ctx.device) for g, p in aln.permutations.items()})
     if attention != "permutation":  # the per-head orthogonal maps of merging._procrustes
