@@ -234,7 +234,9 @@ def fit_processor(
     if monitor is not None:
         valid = ["eval_loss", "eval_accuracy" if task == "classification" else "eval_kendall_tau"]
         if monitor not in valid:
-            raise TrainingError(f"monitor={monitor!r} is not available for task={task!r}; choose one of {valid} or None")
+            raise TrainingError(
+                f"monitor={monitor!r} is not available for task={task!r}; choose one of {valid} or None"
+            )
         if eval_inputs is None:
             raise TrainingError(f"monitor={monitor!r} needs validation data: pass eval_inputs and eval_targets")
     rank, world = _dist()
