@@ -10,6 +10,14 @@ hidden weights, ~0.02, leave the dense processors at chance). Every processor ge
 optimiser and hidden width; each seed changes the processor's
 initialisation and batch order (splits are fixed). DWS takes MLPs only, so it has no zoo number.
 
+INR task: each key minus its train-split mean, divided by its std (``wsnn.weight_statistics``; the
+std-only scaling turned the head bias into a constant ~11 channel), the dense equivariant processors
+standardise their pooled invariant features (``feature_norm=True``; shared-initialisation INRs pool
+to features that differ by a few percent between INRs, and the raw readout stayed at the majority
+class even on 100 training INRs), and 200 INRs of the train split are a validation split whose best
+epoch is restored (``monitor="eval_accuracy"``); the test split is scored once. ``--inr-legacy-norm``
+restores the earlier setting for comparison.
+
     python benchmarks/bench_processors.py                       # defaults below (the RESULTS.md run)
     python benchmarks/bench_processors.py --quick               # a smoke run (tiny data, 2 epochs)
     torchrun --nproc_per_node 2 benchmarks/bench_processors.py --only GraphProcessor   # DDP (gloo on CPU)
