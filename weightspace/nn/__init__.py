@@ -69,6 +69,8 @@ _EXPORTS = {
     "ProcessorFit": "weightspace.nn._train",
     "TrainingError": "weightspace.nn._train",
     "kendall_tau": "weightspace.nn._train",
+    "weight_statistics": "weightspace.nn._train",
+    "standardize_states": "weightspace.nn._train",
 }
 
 __all__ = list(_EXPORTS)

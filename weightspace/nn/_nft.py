@@ -40,6 +40,7 @@ from weightspace.nn._unf import (
     UNFLayer,
     check_batch,
     check_dtype,
+    feature_norm_layer,
     make_activation,
     readout_mlp,
     resolve_space,
@@ -163,7 +164,8 @@ class NFT(nn.Module):
 
     ``fixed_axes`` as in :class:`~weightspace.nn.UNF` (default ``"dense"``: the spec's own group;
     ``"io"`` gives the paper's NP setting, with ``io_embed=True`` for its I/O embeddings).
-    ``hidden_channels`` must be divisible by ``heads``.
+    ``hidden_channels`` must be divisible by ``heads``. ``feature_norm``: standardise the pooled
+    invariant features before the readout MLP (see :class:`~weightspace.nn.UNF`).
     """
 
     family = "NFT"
@@ -185,9 +187,12 @@ class NFT(nn.Module):
         readout_hidden: Optional[int] = None,
         input_scale: float = 1.0,
         bottleneck: Optional[int] = None,
+        feature_norm: bool = False,
     ) -> None:
         super().__init__()
         spec, keys = resolve_space(spec, keys)
+        if feature_norm and out_features is None:
+            raise ValueError("feature_norm=True normalises the invariant readout; it needs an integer out_features")
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         self.keys, self.in_channels, self.out_features = tuple(keys), int(in_channels), out_features
@@ -207,6 +212,7 @@ class NFT(nn.Module):
             self.head = readout_mlp(
                 self.pool.out_features, readout_hidden or max(4 * C, 32), int(out_features), activation
             )
+            self.feature_norm = feature_norm_layer(self.pool.out_features, feature_norm)
 
     def forward(self, batch: WeightSpaceBatch) -> Union[torch.Tensor, WeightSpaceBatch]:
         check_batch(batch, self.keys, self.in_channels, "NFT")
@@ -222,4 +228,4 @@ class NFT(nn.Module):
         xs = [self.norm(x) for x in xs]
         if self.out_features is None:
             return batch.with_tensors(self.layout.assemble(self.proj.apply_pieces(xs)))
-        return self.head(self.pool.pool_pieces(xs))
+        return self.head(self.feature_norm(self.pool.pool_pieces(xs)))

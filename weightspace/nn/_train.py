@@ -13,14 +13,28 @@ nccl on GPU) the processor is wrapped in ``DistributedDataParallel`` and every r
 so DDP's gradient average equals the gradient of the global-batch mean even when the batch does not
 split evenly: K processes compute what one process computes on the same global batches (up to the
 order of floating-point sums).
+
+Model selection. With validation data (``eval_inputs``/``eval_targets``, never the test split) and
+``monitor="eval_accuracy"`` (or ``"eval_loss"``, ``"eval_kendall_tau"``) the processor's state after
+the best epoch is kept and restored at the end (``ProcessorFit.best_epoch``): the number of epochs is
+chosen on the validation split, as in the INR-classification protocols of Navon et al. 2023
+(arXiv:2301.12780) and Zhou et al. 2023 (arXiv:2302.14040), which report the test accuracy of the
+checkpoint with the best validation accuracy.
+
+Input normalisation. :func:`weight_statistics` and :func:`standardize_states` divide every tensor of
+a state dict by one standard deviation per key after subtracting one mean per key, both computed over
+a training set. A scalar per key commutes with every permutation of the key's axes, so processors
+keep their equivariance; a per-coordinate normalisation would not (it would tie each coordinate to
+its position, which a hidden-unit permutation moves).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,7 +45,17 @@ from weightspace.utils import resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fit_processor", "predict", "ProcessorFit", "TrainingError", "kendall_tau"]
+__all__ = [
+    "fit_processor",
+    "predict",
+    "ProcessorFit",
+    "TrainingError",
+    "kendall_tau",
+    "weight_statistics",
+    "standardize_states",
+]
+
+MONITORS = {"eval_loss": -1.0, "eval_accuracy": 1.0, "eval_kendall_tau": 1.0}  # sign: +1 higher is better
 
 
 class TrainingError(WeightspaceError, ValueError):
@@ -44,11 +68,14 @@ class ProcessorFit(Result):
 
     history : one dict per epoch: ``train_loss`` (mean over the epoch's global batches), and with
         eval data ``eval_loss`` plus ``eval_kendall_tau`` (regression) or ``eval_accuracy``.
+    best_epoch : with ``monitor``: the (1-based) epoch whose state the processor holds at the end;
+        ``None`` without ``monitor`` (the processor holds the last epoch's state).
     settings : every option used, world size, device, versions. log : what happened.
     """
 
     history: Tuple[Dict[str, float], ...]
     seconds: float
+    best_epoch: Optional[int] = None
     settings: Dict[str, Any] = field(default_factory=dict)
     log: Tuple[str, ...] = field(default=(), compare=False)
 
@@ -72,6 +99,54 @@ def kendall_tau(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(
         kendalltau(pred.detach().cpu().double().numpy().ravel(), target.detach().cpu().double().numpy().ravel())[0]
     )
+
+
+def weight_statistics(
+    states: Sequence[Mapping[str, torch.Tensor]], keys: Optional[Sequence[str]] = None, center: bool = True
+) -> Dict[str, Tuple[float, float]]:
+    """One ``(mean, std)`` per key over every coordinate of every state dict (float64 sums).
+
+    ``states``: the *training* networks (statistics from the test split would leak it). ``keys``:
+    default every floating-point tensor of the first state dict. ``center=False`` gives mean 0 (a
+    scale only). A key whose std is 0 (e.g. one constant tensor) gets std 1 so it is only shifted.
+    """
+    states = list(states)
+    if not states:
+        raise TrainingError("weight_statistics: no state dicts given; pass the training networks")
+    ref = states[0]
+    if keys is None:
+        keys = [k for k, v in ref.items() if torch.is_tensor(v) and v.is_floating_point()]
+    out: Dict[str, Tuple[float, float]] = {}
+    for k in keys:
+        missing = [i for i, sd in enumerate(states) if k not in sd]
+        if missing:
+            raise TrainingError(f"weight_statistics: key {k!r} is missing from state dict {missing[0]}")
+        t = torch.stack([sd[k].detach().to("cpu", torch.float64) for sd in states])
+        mean = float(t.mean()) if center else 0.0
+        std = float((t - mean).pow(2).mean().sqrt())
+        out[k] = (mean, std if std > 0 and math.isfinite(std) else 1.0)
+    return out
+
+
+def standardize_states(
+    states: Sequence[Mapping[str, torch.Tensor]], stats: Mapping[str, Tuple[float, float]]
+) -> List[Dict[str, torch.Tensor]]:
+    """New state dicts with ``(w - mean_k) / std_k`` for every key ``k`` of ``stats`` (from
+    :func:`weight_statistics`); other entries are passed through. The inputs are not modified."""
+    out = []
+    for i, sd in enumerate(states):
+        missing = [k for k in stats if k not in sd]
+        if missing:
+            raise TrainingError(f"standardize_states: state dict {i} lacks the key {missing[0]!r} of the statistics")
+        out.append({k: (v - stats[k][0]) / stats[k][1] if k in stats else v for k, v in sd.items()})
+    return out
+
+
+def _improves(value: float, best: Optional[float], sign: float) -> bool:
+    """Strictly better than ``best`` (NaN never is; the first finite value always is)."""
+    if math.isnan(value):
+        return False
+    return best is None or sign * value > sign * best
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -123,6 +198,7 @@ def fit_processor(
     grad_clip: Optional[float] = 10.0,
     eval_inputs: Optional[Sequence[Any]] = None,
     eval_targets: Optional[torch.Tensor] = None,
+    monitor: Optional[str] = None,
     progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
 ) -> ProcessorFit:
     """Train ``model`` on ``(inputs[i], targets[i])`` (see the module docstring).
@@ -134,7 +210,11 @@ def fit_processor(
     epochs, batch_size (global, over all ranks), lr, weight_decay (AdamW), grad_clip (global norm
         or None), seed (batch order), device ("auto" = CUDA if available; under DDP with CUDA each
         rank uses ``cuda:LOCAL_RANK``).
-    eval_inputs, eval_targets : evaluated after every epoch (on every rank, not sharded).
+    eval_inputs, eval_targets : evaluated after every epoch (on every rank, not sharded); a
+        validation split, not the test split, when ``monitor`` selects on them.
+    monitor : ``None`` (keep the last epoch), or the history field whose best epoch is restored at
+        the end: ``"eval_loss"`` (lowest), ``"eval_accuracy"`` (classification) or
+        ``"eval_kendall_tau"`` (regression; both highest). Ties keep the earliest epoch.
     progress : ``progress(epoch, epochs, record)`` after every epoch.
     """
     if task not in ("regression", "classification"):
@@ -151,6 +231,14 @@ def fit_processor(
         raise TrainingError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     if (eval_inputs is None) != (eval_targets is None):
         raise TrainingError("pass both eval_inputs and eval_targets, or neither")
+    if monitor is not None:
+        valid = ["eval_loss", "eval_accuracy" if task == "classification" else "eval_kendall_tau"]
+        if monitor not in valid:
+            raise TrainingError(
+                f"monitor={monitor!r} is not available for task={task!r}; choose one of {valid} or None"
+            )
+        if eval_inputs is None:
+            raise TrainingError(f"monitor={monitor!r} needs validation data: pass eval_inputs and eval_targets")
     rank, world = _dist()
     import os
 
@@ -168,6 +256,7 @@ def fit_processor(
     gen = torch.Generator().manual_seed(int(seed))
     B = int(batch_size)
     history: List[Dict[str, float]] = []
+    best: Optional[Tuple[int, float, Dict[str, torch.Tensor]]] = None  # (epoch, value, state)
     t0 = time.perf_counter()
     model.train()
     for ep in range(int(epochs)):
@@ -211,9 +300,16 @@ def fit_processor(
             else:
                 rec["eval_accuracy"] = float((pred.argmax(-1) == yt).float().mean())
         history.append(rec)
+        if monitor is not None and _improves(rec[monitor], None if best is None else best[1], MONITORS[monitor]):
+            best = (ep + 1, rec[monitor], {k: v.detach().clone() for k, v in model.state_dict().items()})
         log.info("fit_processor: epoch %d/%d %s", ep + 1, epochs, rec)
         if progress is not None:
             progress(ep + 1, int(epochs), rec)
+    logs = []
+    if best is not None:
+        model.load_state_dict(best[2])
+        logs.append(f"restored epoch {best[0]} of {epochs} (best {monitor} {best[1]:.4g})")
+        log.info("fit_processor: %s", logs[-1])
     model.eval()
     secs = time.perf_counter() - t0
     settings = {
@@ -224,12 +320,12 @@ def fit_processor(
         "weight_decay": float(weight_decay),
         "seed": int(seed),
         "grad_clip": grad_clip,
+        "monitor": monitor,
         "device": str(dev),
         "world_size": world,
         "num_inputs": n,
         "processor": type(model).__name__,
         "versions": versions(),
     }
-    return ProcessorFit(
-        tuple(history), secs, settings, (f"{epochs} epochs on {n} inputs in {secs:.1f} s (rank {rank} of {world})",)
-    )
+    logs.insert(0, f"{epochs} epochs on {n} inputs in {secs:.1f} s (rank {rank} of {world})")
+    return ProcessorFit(tuple(history), secs, None if best is None else best[0], settings, tuple(logs))

@@ -290,6 +290,12 @@ class EquivariantActivation(nn.Module):
         return batch.map(self.act)
 
 
+def feature_norm_layer(features: int, enabled: bool) -> nn.Module:
+    """``BatchNorm1d(features, affine=False)`` for ``feature_norm=True`` (no parameters, so state dicts
+    without it keep their keys), else the identity."""
+    return nn.BatchNorm1d(int(features), affine=False) if enabled else nn.Identity()
+
+
 def readout_mlp(in_features: int, hidden: int, out_features: int, activation: Union[str, nn.Module]) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), make_activation(activation), nn.Linear(hidden, out_features))
 
@@ -315,6 +321,13 @@ class UNF(nn.Module):
     io_embed : add learned embeddings to the promoted (input/output) axes after the first layer
         (Zhou et al. 2023, arXiv:2302.14040, Sec. 3.3): the processor is then equivariant only to the
         spec's own group (HNP), which removes the surplus NP symmetry. Needs ``fixed_axes != "dense"``.
+    feature_norm : standardise the pooled invariant features over the batch (``BatchNorm1d`` without
+        affine parameters, running statistics in eval mode) before the readout MLP, as StatNN does
+        with its statistics (Unterthiner et al. 2020, arXiv:2002.11448). It keeps invariance (it acts
+        on invariant features) and matters when networks share most of their weights: INRs fitted
+        from one initialisation pool to features whose spread between networks is a few percent of
+        their mean, which a plain MLP head learns from only slowly. Training batches need >= 2
+        networks.
     """
 
     family = "UNF"
@@ -336,10 +349,13 @@ class UNF(nn.Module):
         input_scale: float = 1.0,
         io_embed: bool = False,
         residual: bool = False,
+        feature_norm: bool = False,
     ) -> None:
         super().__init__()
         spec, keys = resolve_space(spec, keys)
         self.validate_spec(spec, keys)
+        if feature_norm and out_features is None:
+            raise ValueError("feature_norm=True normalises the invariant readout; it needs an integer out_features")
         self.residual = bool(residual)
         if self.residual and (out_features is not None or out_channels != in_channels):
             raise ValueError(
@@ -373,6 +389,7 @@ class UNF(nn.Module):
             self.head = readout_mlp(
                 self.pool.out_features, readout_hidden or max(hidden_channels * 4, 32), int(out_features), activation
             )
+            self.feature_norm = feature_norm_layer(self.pool.out_features, feature_norm)
         log.debug(
             "UNF: %d pieces, %d basis terms per channel pair, %d parameters",
             len(self.layout.pieces),
@@ -397,7 +414,7 @@ class UNF(nn.Module):
             if self.residual:
                 out = {k: batch.tensors[k] + v for k, v in out.items()}
             return batch.with_tensors(out)
-        return self.head(self.pool.pool_pieces(xs))
+        return self.head(self.feature_norm(self.pool.pool_pieces(xs)))
 
     def validate_spec(self, spec: PermutationSpec, keys: Tuple[str, ...]) -> None:
         """Families restricted to some architectures refuse the others here (UNF takes every spec)."""
