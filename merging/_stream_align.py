@@ -24,8 +24,16 @@ tensors stay on disk:
   gathers and the same :func:`weightspace.state.combine` arithmetic as the in-memory path) and written
   through :class:`merging._stream.StreamWriter` as produced.
 
-Peak memory is the working set (a few tensors of the largest key) plus the cost caches, not the
-checkpoints: see ``benchmarks/bench_stream_memory.py`` and ``benchmarks/RESULTS.md``.
+Peak memory is the working set (a few tensors of the largest key) plus the cost caches, plus the costs
+the descent holds at once: it builds the ``(n_g, n_g)`` cost of every group of one colour class (groups
+sharing no tensor) and solves them in one batched LAP (a float64 stack), i.e. about 12 bytes x n_g^2 per
+group of the class -- for a chain of square layers half the groups, about 1.5x one float32 checkpoint.
+The lazy problem therefore sets ``prob.batch_groups`` (how many groups of a class to build and solve at
+once; from ``cache_bytes``) for the descent to honour: the groups of a class are independent, so solving
+them in chunks gives the same permutations. ``merging.weight_matching._descent`` does not read it yet (it
+is being rewritten for speed on another branch); the patch is to loop over
+``todo[i:i + getattr(prob, "batch_groups", None) or len(todo)]`` around the build / solve / accept block
+of each class. See ``benchmarks/bench_stream_memory.py`` and ``benchmarks/RESULTS.md`` for both numbers.
 
 What does not stream (``merging.merge`` loads those in memory and logs a warning): three or more models
 (MergeMany holds every model's permuted copy), ``repair=`` (runs the model on data), and the methods that
@@ -268,6 +276,11 @@ def lazy_problem(spec, state_a: LazyState, state_b: LazyState, *, keys: Sequence
     prob.A = _CastView(state_a, "A", keys, dtype, dev)
     prob.B = _CastView(state_b, "B", keys, dtype, dev)
     prob.device = dev
+    # a hint for the descent: how many groups of one colour class to build and solve at once (independent
+    # groups, so the result does not depend on it). The descent of this branch builds a whole class; see
+    # the module docstring for the patch that honours it.
+    n_max = max(spec.groups.values(), default=1)
+    prob.batch_groups = max(1, state_a.costs.budget // (16 * n_max * n_max))
     prob.occs = {g: [_LAZY_OCC.wrap(o, prob, o.Bm0 is not None) for o in lst] for g, lst in prob.occs.items()}
     # anything else the builder precomputed from the tensors would be a meta tensor now: refuse loudly
     left = [f.name for f in dataclasses.fields(prob) if torch.is_tensor(getattr(prob, f.name))]
