@@ -524,6 +524,16 @@ def align(
             f"{sorted(k for k, v in methods().items() if v.aligns)}"
         )
     opts = _check_options(info, options, info.align_options, "alignment by")
+    pair = (model_a, model_b)
+    if all(isinstance(m, (str, os.PathLike)) and str(m).endswith(".safetensors") for m in pair):
+        from ._stream_align import STREAMABLE_ALIGNERS, stream_align
+
+        if info.name in STREAMABLE_ALIGNERS:  # two files: aligned without loading either
+            if example_inputs is not None or data is not None:
+                log.info("align on safetensors files uses spec=; example_inputs/data are not used")
+            return stream_align(info=info, paths=[Path(m) for m in pair], spec=spec, options=opts, seed=seed,
+                                device=device)
+        log.warning("aligning safetensors files in memory, not streamed: method %r needs the models", info.name)
     timings: Dict[str, float] = {}
     ctx, _, spec_source = _prepare(
         (model_a, model_b),

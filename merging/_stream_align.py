@@ -64,7 +64,7 @@ from ._stream import MERGE_METADATA_KEY, LazySafetensors, StreamWriter, _check_h
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LazyState", "lazy_problem", "stream_align_merge", "STREAMABLE_ALIGNERS"]
+__all__ = ["LazyState", "lazy_problem", "stream_align", "stream_align_merge", "STREAMABLE_ALIGNERS"]
 
 # aligning methods whose alignment only reads weights (so can run on lazy states) and whose merge is
 # "permute B, then the weighted average"
@@ -312,6 +312,94 @@ def _default_budgets(spec, reader: LazySafetensors, dtype: torch.dtype) -> Tuple
     return max(4 * largest, _MIN_BUDGET), max(2 * largest, _MIN_BUDGET)
 
 
+def _lazy_align(info: MethodInfo, paths, spec, options, seed, device, weights, work_bytes, cache_bytes):
+    """Checks, lazy states, then ``info.align_fn`` on them: ``(alignment, readers, states, LRUs, budgets,
+    device, timings)``. Nothing is loaded whole."""
+    from weightspace import resolve_device
+
+    from ._api import _model_name
+
+    t_start = time.perf_counter()
+    timings: Dict[str, float] = {}
+    if info.name not in STREAMABLE_ALIGNERS:
+        raise MergeError(f"method {info.name!r} cannot stream; streamable aligning methods: {STREAMABLE_ALIGNERS}")
+    if len(paths) != 2:
+        raise MergeError(f"streaming {info.name} aligns two checkpoints, got {len(paths)}")
+    if spec is None:
+        raise MergeError(
+            f"method {info.name!r} on safetensors files needs spec= (files cannot be traced): build it with "
+            "weightspace.permutation_spec(model, example_inputs) on a module of this architecture (the meta "
+            "device is enough: with torch.device('meta'): model = ...), or use `weightspace merge --model`"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MergeError(f"seed must be an int, got {seed!r}")
+    names = [_model_name(i) for i in range(2)]
+    readers = [LazySafetensors(p) for p in paths]
+    _check_headers(readers, names)
+    align_opts = {k: v for k, v in options.items() if k in info.align_options}
+    cost_dtype = {"float32": torch.float32, "float64": torch.float64}.get(align_opts.get("dtype"), torch.float32)
+    dw, dc = _default_budgets(spec, readers[0], cost_dtype)
+    budgets = {"work_bytes": dw if work_bytes is None else int(work_bytes),
+               "cache_bytes": dc if cache_bytes is None else int(cache_bytes)}
+    work, costs = _LRU(budgets["work_bytes"]), _LRU(budgets["cache_bytes"])
+    states = [LazyState(r, n, work=work, costs=costs) for r, n in zip(readers, names)]
+    _check_spec(spec, states[0])
+    dev = resolve_device(device)
+    timings["check"] = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+    ctx = MergeContext(
+        states=states,
+        models=[None, None],
+        reference=None,
+        spec=spec,
+        weights=weights,
+        data=None,
+        base=None,
+        seed=int(seed),
+        device=dev,
+        generator=gen,
+        example_inputs=None,
+    )
+    aln = info.align_fn(ctx, **align_opts)
+    timings["align"] = time.perf_counter() - t0
+    stats = {"bytes_read_align": sum(r.bytes_read for r in readers), "budgets": budgets,
+             "work_lru": work.stats(), "cost_cache_lru": costs.stats()}
+    work.clear()  # the alignment is done: free the working set and the caches
+    costs.clear()
+    return aln, readers, states, dev, timings, stats
+
+
+def _sweeps(aln) -> Dict[str, int]:
+    try:
+        return {"sweeps": len(aln.log["restarts"][aln.log["best_restart"]]["sweeps"])}
+    except (KeyError, IndexError, TypeError):  # another log layout: the alignment's log has it all
+        return {}
+
+
+def stream_align(
+    *,
+    info: MethodInfo,
+    paths: Sequence[Path],
+    spec: Any,
+    options: Dict[str, Any],
+    seed: int = 0,
+    device: Any = "auto",
+    work_bytes: Optional[int] = None,
+    cache_bytes: Optional[int] = None,
+):
+    """``merging.align(a.safetensors, b.safetensors, method="weight_matching", spec=...)`` without loading
+    either file: the :class:`~merging.Alignment` of :func:`merging.weight_matching.match_weights` on lazy
+    states (budgets as in :func:`stream_align_merge`); its log adds the bytes read and the LRU peaks."""
+    aln, readers, _, _, timings, stats = _lazy_align(
+        info, paths, spec, options, seed, device, [0.5, 0.5], work_bytes, cache_bytes
+    )
+    aln.log.setdefault("timings", {}).update(timings)
+    aln.log.update({"streamed": True, "spec_source": "given", **stats})
+    return aln
+
+
 def stream_align_merge(
     *,
     info: MethodInfo,
@@ -339,66 +427,23 @@ def stream_align_merge(
     (``"weightspace.merge"``). ``log`` records bytes read and written, the budgets, the peaks of both
     LRUs and the time of each stage.
     """
-    from weightspace import resolve_device
     from weightspace.results import to_jsonable, versions
     from weightspace.state import combine
 
     from . import _wm_core as core
-    from ._api import _model_name, _resolve_weights
+    from ._api import _resolve_weights
 
     t_start = time.perf_counter()
-    timings: Dict[str, float] = {}
-    if info.name not in STREAMABLE_ALIGNERS:
-        raise MergeError(f"method {info.name!r} cannot stream; streamable aligning methods: {STREAMABLE_ALIGNERS}")
-    if len(paths) != 2:
-        raise MergeError(f"streaming {info.name} merges two checkpoints, got {len(paths)}")
-    if spec is None:
-        raise MergeError(
-            f"method {info.name!r} on safetensors files needs spec= (files cannot be traced): build it with "
-            "weightspace.permutation_spec(model, example_inputs) on a module of this architecture (the meta "
-            "device is enough: with torch.device('meta'): model = ...), or use `weightspace merge --model`"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise MergeError(f"seed must be an int, got {seed!r}")
     w = _resolve_weights(2, weights, alpha)
-    names = [_model_name(i) for i in range(2)]
-    readers = [LazySafetensors(p) for p in paths]
     out = Path(out)
     for p in paths:
         if Path(p).resolve() == out.resolve():
             raise MergeError(f"out={str(out)!r} is one of the input checkpoints; write the merge to a new file")
-    _check_headers(readers, names)
-    align_opts = {k: v for k, v in options.items() if k in info.align_options}
-    cost_dtype = {"float32": torch.float32, "float64": torch.float64}.get(align_opts.get("dtype"), torch.float32)
-    dw, dc = _default_budgets(spec, readers[0], cost_dtype)
-    work = _LRU(dw if work_bytes is None else work_bytes)
-    costs = _LRU(dc if cache_bytes is None else cache_bytes)
-    states = [LazyState(r, n, work=work, costs=costs) for r, n in zip(readers, names)]
-    _check_spec(spec, states[0])
-    dev = resolve_device(device)
-    timings["check"] = time.perf_counter() - t_start
-
-    t0 = time.perf_counter()
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
-    ctx = MergeContext(
-        states=states,
-        models=[None, None],
-        reference=None,
-        spec=spec,
-        weights=w,
-        data=None,
-        base=None,
-        seed=int(seed),
-        device=dev,
-        generator=gen,
-        example_inputs=None,
+    if out.exists() and not overwrite:
+        raise MergeError(f"out={str(out)!r} already exists; pass overwrite=True to replace it")
+    aln, readers, states, dev, timings, stats = _lazy_align(
+        info, paths, spec, options, seed, device, w, work_bytes, cache_bytes
     )
-    aln = info.align_fn(ctx, **align_opts)
-    read_align = sum(r.bytes_read for r in readers)
-    timings["align"] = time.perf_counter() - t0
-    work.clear()  # the alignment is done: free the working set and the caches before merging
-    costs.clear()
 
     settings = {
         "method": info.name,
@@ -410,8 +455,7 @@ def stream_align_merge(
         "n_models": 2,
         "inputs": [str(p) for p in paths],
         "streamed": True,
-        "work_bytes": work_bytes,
-        "cache_bytes": cache_bytes,
+        **stats["budgets"],
         "versions": versions(),
     }
     metadata = {MERGE_METADATA_KEY: json.dumps(to_jsonable(settings), sort_keys=True)}
@@ -433,29 +477,28 @@ def stream_align_merge(
     timings["total"] = time.perf_counter() - t_start
     read = sum(r.bytes_read for r in readers)
     log_ = {
-        "method": {"objective": aln.objective,
-                   "sweeps": len(aln.log["restarts"][aln.log["best_restart"]]["sweeps"])},
+        "method": {"objective": aln.objective, **_sweeps(aln)},
         "timings": timings,
         "spec_source": "given",
         "out": str(out),
         "streamed": True,
         "bytes_read": read,
-        "bytes_read_align": read_align,
+        "bytes_read_align": stats["bytes_read_align"],
         "bytes_written": writer.bytes_written,
         "largest_key_bytes": peak_key_bytes,
         "input_bytes": sum(r.nbytes() for r in readers),
-        "work_lru": work.stats() | {"budget": dw if work_bytes is None else work_bytes},
-        "cost_cache_lru": costs.stats() | {"budget": dc if cache_bytes is None else cache_bytes},
+        "work_lru": stats["work_lru"],
+        "cost_cache_lru": stats["cost_cache_lru"],
     }
     log.info(
         "streamed %s: alignment read %.1f MB (%.1f s), merge wrote %.1f MB; working-set peak %.1f MB, "
         "cost caches peak %.1f MB",
         info.name,
-        read_align / 1e6,
+        stats["bytes_read_align"] / 1e6,
         timings["align"],
         writer.bytes_written / 1e6,
-        work.peak / 1e6,
-        costs.peak / 1e6,
+        stats["work_lru"]["peak"] / 1e6,
+        stats["cost_cache_lru"]["peak"] / 1e6,
     )
     return MergeResult(
         model=None, state_dict=LazySafetensors(out), alignment=aln, spec=spec, settings=settings, log=log_

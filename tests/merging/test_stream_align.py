@@ -92,6 +92,19 @@ def test_streamed_weight_matching_equals_in_memory_bit_for_bit(tmp_path, arch, d
     assert res.log["bytes_read"] >= 2 * res.log["input_bytes"]
 
 
+def test_align_on_files_streams_and_equals_in_memory(tmp_path):
+    a, b, spec = _models("conv")
+    pa, pb = _save(tmp_path, a, b)
+    aln = merging.align(pa, pb, spec=spec, seed=1, max_sweeps=30)
+    assert aln.log["streamed"] and aln.log["bytes_read_align"] > 0
+    mem = merging.align(a.state_dict(), b.state_dict(), spec=spec, seed=1, max_sweeps=30)
+    assert aln.objective == mem.objective
+    for g, p in mem.permutations.items():
+        assert torch.equal(aln.permutations[g], p)
+    with pytest.raises(merging.MergeError, match="needs spec="):
+        merging.align(pa, pb)
+
+
 def test_no_budget_rereads_but_agrees_with_in_memory(tmp_path):
     a, b, spec = _models("mlp")
     pa, pb = _save(tmp_path, a, b)
