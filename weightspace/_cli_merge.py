@@ -187,8 +187,8 @@ def _example(args, model: torch.nn.Module) -> Any:
 
 
 def _streams_aligned(args, info, inputs: List[Path], out: Path) -> bool:
-    """Weight matching (aligning, data-free) of two safetensors files into a .safetensors file, no --data,
-    --repair or --report: ``merging.merge`` streams it (the other aligning methods need the models)."""
+    """Weight matching (aligning, data-free) of two safetensors files into a .safetensors file, no --data or
+    --repair: ``merging.merge`` streams it (the other aligning methods need the models)."""
     return (
         info.aligns
         and "data" not in info.needs
@@ -197,17 +197,25 @@ def _streams_aligned(args, info, inputs: List[Path], out: Path) -> bool:
         and all(p.suffix == ".safetensors" for p in inputs)
         and args.data is None
         and args.repair is None
-        and args.report is None
     )
 
 
-def _trace_spec_on_meta(args, kwargs: Dict[str, Any]):
+META_TEMPLATE_BYTES = 256 * 2**20  # checkpoints from this size on: the template is built on the meta device
+
+
+def _trace_spec_on_meta(args, kwargs: Dict[str, Any], checkpoint_bytes: int):
     """The permutation spec of ``--model``, traced on a template built on the meta device (no memory for
-    its weights); a model that cannot be built or traced there is built on the CPU instead."""
+    its weights) when the checkpoint has at least ``META_TEMPLATE_BYTES``; smaller ones, and models that
+    cannot be built or traced on meta, get a CPU template (tracing on meta first imports torch's meta
+    kernels, which takes seconds). Returns ``(spec, device name)``."""
     import logging
 
     import weightspace as ws
     from weightspace import io
+
+    if checkpoint_bytes < META_TEMPLATE_BYTES:
+        template = io.build_model(args.model, **kwargs)
+        return ws.permutation_spec(template, _example(args, template)), "cpu"
 
     def to_meta(x):
         if torch.is_tensor(x):
@@ -323,7 +331,7 @@ def run(args) -> int:
         # meta device (no weights allocated), and merging.merge reads the files lazily and writes as it goes
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
         t0 = time.perf_counter()
-        spec, where = _trace_spec_on_meta(args, kwargs)
+        spec, where = _trace_spec_on_meta(args, kwargs, inputs[0].stat().st_size)
         stages["spec"] = time.perf_counter() - t0
         res = merging.merge(*inputs, spec=spec, out=out, overwrite=args.overwrite, **common)
         stages["merge"] = res.log["timings"]["total"]

@@ -253,17 +253,23 @@ def test_lazy_problem_refuses_a_precomputed_tensor_it_cannot_keep_lazy(tmp_path,
 # --------------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------------
-def test_command_streams_weight_matching_with_a_meta_template(tmp_path, capsys):
+@pytest.mark.parametrize("template", ["cpu", "meta"])
+def test_command_streams_weight_matching(tmp_path, capsys, monkeypatch, template):
+    from weightspace import _cli_merge
+
+    if template == "meta":  # as for a checkpoint too large to build a CPU template of
+        monkeypatch.setattr(_cli_merge, "META_TEMPLATE_BYTES", 0)
     hidden = [16, 16]
     a, b = zoo.MLP(64, hidden, 10, seed=3), zoo.MLP(64, hidden, 10, seed=4)
     pa, pb = _save(tmp_path, a, b)
     out = tmp_path / "m.safetensors"
     rc = main(["merge", str(pa), str(pb), "--method", "weight_matching", "--model", "weightspace.zoo:MLP",
                "--model-kwargs", json.dumps({"hidden": hidden}), "--input-shape", "2,64", "--alpha", "0.25",
-               "--option", "max_sweeps=50", "--out", str(out)])
+               "--option", "max_sweeps=50", "--out", str(out), "--report", str(tmp_path / "r.html")])
     assert rc == 0, capsys.readouterr()
     text = capsys.readouterr().out
-    assert "streamed" in text and "meta device" in text and "alignment objective" in text
+    assert "streamed" in text and f"on the {template} device" in text and "alignment objective" in text
+    assert "bytes_read_align" in (tmp_path / "r.html").read_text()
     spec = ws.permutation_spec(a, torch.randn(2, 64))
     want = merging.merge(a.state_dict(), b.state_dict(), method="weight_matching", spec=spec, alpha=0.25,
                          max_sweeps=50)
