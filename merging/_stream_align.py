@@ -14,7 +14,7 @@ tensors stay on disk:
   lazy one: an occurrence's ``(n, m)`` matrices of A and B are read, cast and isolated when its cost
   term is built, and dropped afterwards;
 * two byte budgets bound what is kept between reads: ``work_bytes`` (an LRU of the tensors and isolated
-  matrices in use, so one cost term reads each tensor once; default 4x the largest matched tensor in
+  matrices in use, so a cost term reuses what it has just read; default 4x the largest matched tensor in
   the cost dtype, at least 64 MiB) and ``cache_bytes`` (the per-occurrence cost caches ``A B^T`` of size
   ``(n_g, n_g)`` and the general path's last ``B`` matrices, LRU; default 2x the largest matched tensor,
   at least 64 MiB). An evicted cache is recomputed in full instead of updated by a low-rank correction,
@@ -38,7 +38,9 @@ of each class. See ``benchmarks/bench_stream_memory.py`` and ``benchmarks/RESULT
 What does not stream (``merging.merge`` loads those in memory and logs a warning): three or more models
 (MergeMany holds every model's permuted copy), ``repair=`` (runs the model on data), and the methods that
 need the model or data (activation matching, STE, ZipIt!, OT fusion). The spec cannot be traced from
-files: pass ``spec=`` (the ``weightspace merge`` command traces it from ``--model`` on the meta device).
+files: pass ``spec=`` (the ``weightspace merge`` command traces it from ``--model``, on the meta device for
+checkpoints of 256 MiB and more). The structure is built on ``meta`` tensors, whose first use in a
+process imports torch's meta kernels (a few seconds, once).
 The extra disk reads are logged (``bytes_read``): one pass over A's permuted keys to list them, one
 pass over both for the starting objective, the reads of each cost term, the final objective and the
 merge pass.
