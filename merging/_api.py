@@ -366,10 +366,10 @@ def merge(
     out_path = _check_out(out, models, overwrite)
     stream = _maybe_stream(info, models, base, out_path, repair)
     if stream is not None:
+        extra = {"base": base} if info.elementwise else {"spec": spec}
         return stream(
             info=info,
             paths=[Path(m) for m in models],
-            base=base,
             weights=weights,
             alpha=alpha,
             options=opts,
@@ -377,6 +377,7 @@ def merge(
             device=device,
             out=out_path,
             overwrite=overwrite,
+            **extra,
         )
     timings: Dict[str, float] = {}
     need_spec = "spec" in run_info.needs or run_info.aligns or run_info.name == "merge_many"
@@ -465,18 +466,37 @@ def _check_out(out: Any, models: Sequence[Any], overwrite: bool) -> Optional[Pat
 
 
 def _maybe_stream(info: MethodInfo, models: Sequence[Any], base: Any, out: Optional[Path], repair: Any):
-    """The streaming merger (``merging._stream.stream_merge``) when every input is a safetensors file, the
-    method is elementwise, ``out=`` is given and no repair is asked; else None."""
-    if out is None or repair is not None or not info.elementwise or out.suffix != ".safetensors":
-        return None
+    """The streaming merger when every input is a safetensors file and ``out=`` ends in ``.safetensors``:
+    ``merging._stream.stream_merge`` for elementwise methods, ``merging._stream_align.stream_align_merge``
+    for weight matching of two models; else None (the models are loaded in memory, with a logged warning
+    saying why when the inputs were files that could have streamed)."""
     files = list(models) + ([base] if base is not None else [])
+    if out is None or out.suffix != ".safetensors":
+        return None
     if not all(isinstance(m, (str, os.PathLike)) and str(m).endswith(".safetensors") for m in files):
         return None
-    try:
-        from . import _stream  # noqa: PLC0415 -- optional until the streaming path lands
-    except ImportError:
-        return None
-    return getattr(_stream, "stream_merge", None)
+    from ._stream_align import STREAMABLE_ALIGNERS
+
+    why = None
+    if repair is not None:
+        why = f"repair={repair!r} runs the model on data"
+    elif info.elementwise:
+        from ._stream import stream_merge
+
+        return stream_merge
+    elif info.name in STREAMABLE_ALIGNERS and len(models) == 2:
+        from ._stream_align import stream_align_merge
+
+        return stream_align_merge
+    elif info.name in STREAMABLE_ALIGNERS:
+        why = f"{len(models)} models run MergeMany, which holds every model"
+    else:
+        why = (
+            f"method {info.name!r} needs the models (or data) in memory; the streaming methods are the "
+            f"elementwise ones and {list(STREAMABLE_ALIGNERS)}"
+        )
+    log.warning("merging safetensors files in memory, not streamed: %s", why)
+    return None
 
 
 def align(
@@ -504,6 +524,16 @@ def align(
             f"{sorted(k for k, v in methods().items() if v.aligns)}"
         )
     opts = _check_options(info, options, info.align_options, "alignment by")
+    pair = (model_a, model_b)
+    if all(isinstance(m, (str, os.PathLike)) and str(m).endswith(".safetensors") for m in pair):
+        from ._stream_align import STREAMABLE_ALIGNERS, stream_align
+
+        if info.name in STREAMABLE_ALIGNERS:  # two files: aligned without loading either
+            if example_inputs is not None or data is not None:
+                log.info("align on safetensors files uses spec=; example_inputs/data are not used")
+            return stream_align(info=info, paths=[Path(m) for m in pair], spec=spec, options=opts, seed=seed,
+                                device=device)
+        log.warning("aligning safetensors files in memory, not streamed: method %r needs the models", info.name)
     timings: Dict[str, float] = {}
     ctx, _, spec_source = _prepare(
         (model_a, model_b),

@@ -124,6 +124,10 @@ def matched_keys(spec, state: Mapping[str, torch.Tensor], param_names: Optional[
 
 
 def build_problem(spec, state_a, state_b, *, keys: Sequence[str], dtype=torch.float32, device=None) -> Problem:
+    if getattr(state_a, "weightspace_lazy", False):  # safetensors streaming: matrices read from disk when used
+        from ._stream_align import lazy_problem
+
+        return lazy_problem(spec, state_a, state_b, keys=keys, dtype=dtype, device=device)
     device = torch.device(device) if device is not None else next(iter(state_a.values())).device
     A = {k: state_a[k].detach().to(device=device, dtype=dtype) for k in keys}
     B = {k: state_b[k].detach().to(device=device, dtype=dtype) for k in keys}

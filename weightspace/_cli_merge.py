@@ -186,6 +186,57 @@ def _example(args, model: torch.nn.Module) -> Any:
         return None
 
 
+def _streams_aligned(args, info, inputs: List[Path], out: Path) -> bool:
+    """Weight matching (aligning, data-free) of two safetensors files into a .safetensors file, no --data or
+    --repair: ``merging.merge`` streams it (the other aligning methods need the models)."""
+    return (
+        info.aligns
+        and "data" not in info.needs
+        and len(inputs) == 2
+        and out.suffix == ".safetensors"
+        and all(p.suffix == ".safetensors" for p in inputs)
+        and args.data is None
+        and args.repair is None
+    )
+
+
+META_TEMPLATE_BYTES = 256 * 2**20  # checkpoints from this size on: the template is built on the meta device
+
+
+def _trace_spec_on_meta(args, kwargs: Dict[str, Any], checkpoint_bytes: int):
+    """The permutation spec of ``--model``, traced on a template built on the meta device (no memory for
+    its weights) when the checkpoint has at least ``META_TEMPLATE_BYTES``; smaller ones, and models that
+    cannot be built or traced on meta, get a CPU template (tracing on meta first imports torch's meta
+    kernels, which takes seconds). Returns ``(spec, device name)``."""
+    import logging
+
+    import weightspace as ws
+    from weightspace import io
+
+    if checkpoint_bytes < META_TEMPLATE_BYTES:
+        template = io.build_model(args.model, **kwargs)
+        return ws.permutation_spec(template, _example(args, template)), "cpu"
+
+    def to_meta(x):
+        if torch.is_tensor(x):
+            return x.to("meta")
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_meta(v) for v in x)
+        if isinstance(x, dict):
+            return {k: to_meta(v) for k, v in x.items()}
+        return x
+
+    try:
+        with torch.device("meta"):
+            template = io.build_model(args.model, **kwargs)
+        x = _example(args, template)
+        return ws.permutation_spec(template, to_meta(x)), "meta"
+    except Exception as e:  # noqa: BLE001 -- any failure on meta: the CPU template is the reference path
+        logging.getLogger(__name__).warning("tracing --model on the meta device failed (%s); building it on the CPU", e)
+    template = io.build_model(args.model, **kwargs)
+    return ws.permutation_spec(template, _example(args, template)), "cpu"
+
+
 def _digits(x: Any):
     from weightspace import zoo
 
@@ -275,6 +326,17 @@ def run(args) -> int:
             t0 = time.perf_counter()
             _save(res.state_dict, out, meta_settings, args.overwrite)
             stages["write"] = time.perf_counter() - t0
+    elif _streams_aligned(args, info, inputs, out):
+        # weight matching of two safetensors files streams: the spec is traced on a template built on the
+        # meta device (no weights allocated), and merging.merge reads the files lazily and writes as it goes
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+        t0 = time.perf_counter()
+        spec, where = _trace_spec_on_meta(args, kwargs, inputs[0].stat().st_size)
+        stages["spec"] = time.perf_counter() - t0
+        res = merging.merge(*inputs, spec=spec, out=out, overwrite=args.overwrite, **common)
+        stages["merge"] = res.log["timings"]["total"]
+        inner = {k: v for k, v in res.log.get("timings", {}).items() if k != "total"}
+        say(f"permutation spec traced on a template on the {where} device: {len(spec.groups)} groups")
     else:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
         t0 = time.perf_counter()
