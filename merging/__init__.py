@@ -24,6 +24,7 @@ _EXPORTS = {
     "MergeError": "merging._registry",
     "Alignment": "merging._results",
     "MergeResult": "merging._results",
+    "RotatedAlignment": "merging._procrustes",
     "solvers": "merging.solvers",
 }
 

@@ -173,50 +173,56 @@ def _descent(
                             perms[g] = p
                             moved(g)
                             changed.append(g)
-            costs = {g: core.group_cost(prob, g, perms) for g in todo}
-            full = [g for g in todo if certify or not local[g]]
-            loc = [g for g in todo if g not in full]
-            if loc:
-                ks = {g: max(1, math.ceil(local_size * costs[g].shape[0])) for g in loc}
-                res = core.local_batch({g: costs[g] for g in loc}, perms, ks, rtol)
-                for g in loc:
+            # independent groups are solved together; a streamed (lazy) problem caps how many cost
+            # matrices exist at once (prob.batch_groups), which gives the same result
+            cap = getattr(prob, "batch_groups", None) or max(len(todo), 1)
+            todo_all = todo
+            for i0 in range(0, len(todo_all), cap):
+                todo = todo_all[i0 : i0 + cap]
+                costs = {g: core.group_cost(prob, g, perms) for g in todo}
+                full = [g for g in todo if certify or not local[g]]
+                loc = [g for g in todo if g not in full]
+                if loc:
+                    ks = {g: max(1, math.ceil(local_size * costs[g].shape[0])) for g in loc}
+                    res = core.local_batch({g: costs[g] for g in loc}, perms, ks, rtol)
+                    for g in loc:
+                        dirty.discard(g)
+                        new, gain, n_steps = res[g]
+                        n_local += n_steps
+                        n_loc += n_steps
+                        if gain > 0.0:  # every accepted local step gained more than the tolerance
+                            obj += gain
+                            perms[g] = new
+                            moved(g)
+                            changed.append(g)
+                sols = core.solve_batch({g: costs[g] for g in full}, method=lap_method) if full else {}
+                n_lap += len(full)
+                solved += len(todo)
+                for g in full:
                     dirty.discard(g)
-                    new, gain, n_steps = res[g]
-                    n_local += n_steps
-                    n_loc += n_steps
-                    if gain > 0.0:  # every accepted local step gained more than the tolerance
+                    unsettled.discard(g)
+                    new, old = sols[g], perms[g]
+                    n_moved = int((new.to(old.device) != old).sum())
+                    local[g] = eligible[g]
+                    if n_moved == 0:
+                        continue
+                    if g in prob.self_coupled:  # the cost is a linearisation: compare the exact objective
+                        keys = prob.keys_of[g]
+                        before = core.objective(prob, perms, keys)
+                        trial = dict(perms)
+                        trial[g] = new.to(old.device)
+                        gain = core.objective(prob, trial, keys) - before
+                        scale = abs(before)
+                    else:
+                        C = costs[g]
+                        v_old, v_new = core.value(C, old), core.value(C, new)
+                        gain, scale = v_new - v_old, max(abs(v_old), abs(v_new))
+                    if gain > rtol * max(scale, 1e-30):
                         obj += gain
-                        perms[g] = new
+                        perms[g] = new.to(old.device)
+                        local[g] = eligible[g] and n_moved * 4 <= old.numel()
                         moved(g)
                         changed.append(g)
-            sols = core.solve_batch({g: costs[g] for g in full}, method=lap_method) if full else {}
-            n_lap += len(full)
-            solved += len(todo)
-            for g in full:
-                dirty.discard(g)
-                unsettled.discard(g)
-                new, old = sols[g], perms[g]
-                n_moved = int((new.to(old.device) != old).sum())
-                local[g] = eligible[g]
-                if n_moved == 0:
-                    continue
-                if g in prob.self_coupled:  # the cost is a linearisation: compare the exact objective
-                    keys = prob.keys_of[g]
-                    before = core.objective(prob, perms, keys)
-                    trial = dict(perms)
-                    trial[g] = new.to(old.device)
-                    gain = core.objective(prob, trial, keys) - before
-                    scale = abs(before)
-                else:
-                    C = costs[g]
-                    v_old, v_new = core.value(C, old), core.value(C, new)
-                    gain, scale = v_new - v_old, max(abs(v_old), abs(v_new))
-                if gain > rtol * max(scale, 1e-30):
-                    obj += gain
-                    perms[g] = new.to(old.device)
-                    local[g] = eligible[g] and n_moved * 4 <= old.numel()
-                    moved(g)
-                    changed.append(g)
         sweeps.append(
             {
                 "sweep": sweep,

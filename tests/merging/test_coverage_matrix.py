@@ -253,7 +253,8 @@ def test_tied_embedding_heads_merge_back(kind):
     x = {"input_ids": torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(0))}
     spec = ws.permutation_spec(m, x)
     mp = ws.permute(m, spec, ws.random_permutation(spec, seed=1))
-    res = merging.merge(m, mp, method="weight_matching", example_inputs=x, device="cpu")
+    # coordinate descent finds a local optimum; restarts (best objective kept) make the planted one certain here
+    res = merging.merge(m, mp, method="weight_matching", example_inputs=x, device="cpu", restarts=3)
     with torch.no_grad():
         torch.testing.assert_close(res.model(**x).logits, m(**x).logits, rtol=1e-4, atol=1e-5)
 
