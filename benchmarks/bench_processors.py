@@ -67,8 +67,8 @@ def make(name, spec, out, hidden, seed):
         return wsnn.NFN(spec, hidden_channels=hidden, num_layers=2, out_features=out, variant="HNP")
     if name == "NFT":
         return wsnn.NFT(spec, hidden_channels=hidden, num_layers=2, out_features=out)
-    if name == "UNF":
-        return wsnn.UNF(spec, hidden_channels=hidden, num_layers=2, out_features=out)
+    if name == "UNF":  # UNF's own default, kernel positions permuted (with fixed_axes="dense" it is NFN-HNP exactly)
+        return wsnn.UNF(spec, hidden_channels=hidden, num_layers=2, out_features=out, fixed_axes="permuted")
     if name == "GraphProcessor":
         return wsnn.GraphProcessor(out, hidden_channels=2 * hidden, num_layers=3)
     if name == "RelationalTransformer":
@@ -79,8 +79,8 @@ def make(name, spec, out, hidden, seed):
 class Task:
     """One data set: dense batch + graphs + targets + fixed split."""
 
-    def __init__(self, name, z, targets, task, train_idx, test_idx, normalize=True):
-        self.train_idx, self.test_idx = train_idx, test_idx
+    def __init__(self, name, z, targets, task, train_idx, test_idx, normalize=True, val_idx=None):
+        self.train_idx, self.test_idx, self.val_idx = train_idx, test_idx, val_idx
         if normalize:  # one scale per tensor key (the train split's std): a scalar per key keeps every symmetry
             keys = list(z.states[0])
             std = {k: torch.stack([z.states[i][k] for i in train_idx]).std().clamp(min=1e-12) for k in keys}
@@ -119,6 +119,19 @@ def run_one(task, name, seed, args):
     except Exception as exc:  # e.g. DWS on a CNN: report why, do not crash the table
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
     y = task.y if task.task == "classification" else task.y.unsqueeze(1)
+    val = {}
+    best = {"epoch": 0, "score": -float("inf"), "state": None}
+    if task.val_idx is not None:  # early stopping: the epoch with the best validation score (never the test split)
+        key = "eval_accuracy" if task.task == "classification" else "eval_kendall_tau"
+        val = dict(eval_inputs=task.inputs(kind, task.val_idx), eval_targets=y[task.val_idx], progress=None)
+
+        def keep_best(epoch, epochs, rec):
+            if rec[key] > best["score"]:
+                best.update(
+                    epoch=epoch, score=rec[key], state={k: v.detach().clone() for k, v in model.state_dict().items()}
+                )
+
+        val["progress"] = keep_best
     fit = wsnn.fit_processor(
         model,
         task.inputs(kind, task.train_idx),
@@ -131,9 +144,14 @@ def run_one(task, name, seed, args):
         weight_decay=args.weight_decay,
         seed=seed,
         device=args.device,
+        **val,
     )
+    note = f"{fit.seconds:.0f}s"
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+        note += f", epoch {best['epoch']} (val {best['score']:.3f})"
     pred = wsnn.predict(model, task.inputs(kind, task.test_idx), collate=task.collate(kind), batch_size=256)
-    return task.score(pred.cpu(), task.test_idx), f"{fit.seconds:.0f}s"
+    return task.score(pred.cpu(), task.test_idx), note
 
 
 def throughput(task, name, args, reps=5):
@@ -165,9 +183,17 @@ def throughput(task, name, args, reps=5):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo-models", type=int, default=200)
+    ap.add_argument("--zoo-models", type=int, default=2000)
     ap.add_argument("--zoo-mixed", type=int, default=0)
-    ap.add_argument("--zoo-steps", type=int, nargs=2, default=(25, 150))
+    ap.add_argument("--zoo-steps", type=int, nargs=2, default=(50, 380))
+    ap.add_argument(
+        "--zoo-split",
+        type=int,
+        nargs=2,
+        default=(1250, 250),
+        metavar=("TRAIN", "VAL"),
+        help="fixed-architecture nets for training and validation (best epoch); the rest are the test split",
+    )
     ap.add_argument("--inr-steps", type=int, default=200)
     ap.add_argument("--inr-variant", default="shared_permuted")
     ap.add_argument("--inr-train", type=int, default=None, help="use only the first N training INRs (CPU budgets)")
@@ -193,6 +219,7 @@ def main():
             2,
             [0],
         )
+        args.zoo_split = (12, 4)
     logging.basicConfig(level=logging.WARNING)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: fit_processor wraps the processors in DDP
         import torch.distributed as dist
@@ -204,25 +231,28 @@ def main():
     tasks = {}
     if "zoo" in args.tasks:
         bar, cb = _bar("digits CNN zoo")
-        z = zoo.digits_cnn_zoo(
-            args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps), group_size=100, progress=cb
-        )
+        z = zoo.digits_cnn_zoo(args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps), progress=cb)
         bar and bar.close()
         fixed = torch.tensor(z.where(part="fixed"))
         perm = fixed[torch.randperm(len(fixed), generator=torch.Generator().manual_seed(0))]
-        h = len(perm) // 2
+        ntr, nva = args.zoo_split
+        if ntr + nva >= len(perm):
+            raise SystemExit(f"--zoo-split {ntr} {nva} leaves no test nets out of {len(perm)} fixed-architecture nets")
         tasks["zoo"] = Task(
             "zoo",
             z.select(perm.tolist()),
             z.select(perm.tolist()).targets("test_accuracy"),
             "regression",
-            list(range(h)),
-            list(range(h, len(perm))),
+            list(range(ntr)),
+            list(range(ntr + nva, len(perm))),
+            val_idx=list(range(ntr, ntr + nva)),
         )
         acc = tasks["zoo"].y
         print(
-            f"zoo: {len(z)} nets ({len(fixed)} fixed-architecture), test accuracy q0/q25/q50/q75/q100 = "
-            f"{[round(float(v), 3) for v in torch.quantile(acc, torch.tensor([0, 0.25, 0.5, 0.75, 1.0]))]}; split {h}/{len(perm) - h}"  # noqa: E501
+            f"zoo: {len(z)} nets ({len(fixed)} fixed-architecture), test accuracy q0/q10/q25/q50/q75/q90/q100 = "
+            f"{[round(float(v), 3) for v in torch.quantile(acc, torch.tensor([0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]))]}; "
+            f"split {ntr} train / {nva} validation / {len(perm) - ntr - nva} test",
+            flush=True,
         )
     if "inr" in args.tasks:
         bar, cb = _bar("digits INRs")
@@ -247,13 +277,15 @@ def main():
                     break
                 scores.append(sc)
                 notes.append(note)
-                print(f"  {tname:4s} {name:22s} seed {s}: {sc:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(
+                    f"  {tname:4s} {name:22s} seed {s}: {sc:.3f} ({time.perf_counter() - t0:.0f}s; {note})", flush=True
+                )
             thr = throughput(task, name, args) if scores else None
             results[(tname, name)] = (scores, notes, thr)
     if args.mixed and "zoo" in tasks:
         z = tasks["zoo"].z
         # all nets of the full zoo, fixed split: the graph processor on mixed architectures
-        zall = zoo.digits_cnn_zoo(args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps), group_size=100)
+        zall = zoo.digits_cnn_zoo(args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps))
         perm = torch.randperm(len(zall), generator=torch.Generator().manual_seed(0)).tolist()
         zz = zall.select(perm)
         h = len(perm) // 2
