@@ -21,6 +21,7 @@ restores the earlier setting for comparison.
     python benchmarks/bench_processors.py                       # defaults below (the RESULTS.md run)
     python benchmarks/bench_processors.py --quick               # a smoke run (tiny data, 2 epochs)
     torchrun --nproc_per_node 2 benchmarks/bench_processors.py --only GraphProcessor   # DDP (gloo on CPU)
+    python benchmarks/bench_processors.py --tasks zoo --only StatNN-GBT   # gradient-boosted trees on the statistics
 
 Data sets are generated on first use and cached (``$WEIGHTSPACE_CACHE`` or ``~/.cache/weightspace``).
 """
@@ -77,8 +78,8 @@ def make(name, spec, out, hidden, seed, feature_norm=False):
         return wsnn.NFN(spec, hidden_channels=hidden, num_layers=2, out_features=out, variant="HNP")
     if name == "NFT":
         return wsnn.NFT(spec, hidden_channels=hidden, num_layers=2, out_features=out)
-    if name == "UNF":
-        return wsnn.UNF(spec, hidden_channels=hidden, num_layers=2, out_features=out)
+    if name == "UNF":  # UNF's own default, kernel positions permuted (with fixed_axes="dense" it is NFN-HNP exactly)
+        return wsnn.UNF(spec, hidden_channels=hidden, num_layers=2, out_features=out, fixed_axes="permuted")
     if name == "GraphProcessor":
         return wsnn.GraphProcessor(out, hidden_channels=2 * hidden, num_layers=3)
     if name == "RelationalTransformer":
@@ -142,7 +143,29 @@ class Task:
         return wsnn.kendall_tau(pred[:, 0], y)
 
 
+def stat_gbt(task, seed):
+    """Unterthiner et al.'s strongest StatNN variant: gradient-boosted trees on the 7 statistics of every
+    tensor (42 for the zoo CNN); the number of trees is chosen on the validation split."""
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    if task.task != "regression" or task.val_idx is None:
+        return None, "StatNN-GBT: regression tasks with a validation split only (the zoo)"
+
+    feats = wsnn.StatFeatures(task.dense.keys)(task.dense).numpy()
+    y = task.y.numpy()
+    t0 = time.perf_counter()
+    gbt = GradientBoostingRegressor(n_estimators=600, learning_rate=0.05, max_depth=3, subsample=0.8, random_state=seed)
+    gbt.fit(feats[task.train_idx], y[task.train_idx])
+    val = [wsnn.kendall_tau(torch.tensor(p), task.y[task.val_idx]) for p in gbt.staged_predict(feats[task.val_idx])]
+    best = int(torch.tensor(val).argmax())
+    pred = list(gbt.staged_predict(feats[task.test_idx]))[best]
+    note = f"{time.perf_counter() - t0:.0f}s, {best + 1} trees (val {val[best]:.3f})"
+    return task.score(torch.tensor(pred).unsqueeze(1), task.test_idx), note
+
+
 def run_one(task, name, seed, args):
+    if name == "StatNN-GBT":
+        return stat_gbt(task, seed)
     kind = "graph" if name in GRAPH else "dense"
     try:
         model = make(name, task.spec, task.out, args.hidden, seed, feature_norm=task.name == "inr" and args.inr_norm)
@@ -150,8 +173,9 @@ def run_one(task, name, seed, args):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
     y = task.y if task.task == "classification" else task.y.unsqueeze(1)
     sel = {}
-    if task.val_idx:  # INRs: the epoch with the best validation accuracy is restored (epochs chosen on validation)
-        sel = dict(eval_inputs=task.inputs(kind, task.val_idx), eval_targets=y[task.val_idx], monitor="eval_accuracy")
+    if task.val_idx is not None:  # the epoch with the best validation score is restored (never the test split)
+        key = "eval_accuracy" if task.task == "classification" else "eval_kendall_tau"
+        sel = dict(eval_inputs=task.inputs(kind, task.val_idx), eval_targets=y[task.val_idx], monitor=key)
     fit = wsnn.fit_processor(
         model,
         task.inputs(kind, task.train_idx),
@@ -169,7 +193,7 @@ def run_one(task, name, seed, args):
     pred = wsnn.predict(model, task.inputs(kind, task.test_idx), collate=task.collate(kind), batch_size=256)
     note = f"{fit.seconds:.0f}s" + (f", best epoch {fit.best_epoch}" if fit.best_epoch else "")
     if fit.best_epoch:
-        val = fit.history[fit.best_epoch - 1]["eval_accuracy"]
+        val = fit.history[fit.best_epoch - 1][key]
         note += f", val {val:.3f}, train loss {fit.history[fit.best_epoch - 1]['train_loss']:.3f}"
     return task.score(pred.cpu(), task.test_idx), note
 
@@ -210,9 +234,17 @@ def throughput(task, name, args, reps=5):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zoo-models", type=int, default=200)
+    ap.add_argument("--zoo-models", type=int, default=2000)
     ap.add_argument("--zoo-mixed", type=int, default=0)
-    ap.add_argument("--zoo-steps", type=int, nargs=2, default=(25, 150))
+    ap.add_argument("--zoo-steps", type=int, nargs=2, default=(50, 380))
+    ap.add_argument(
+        "--zoo-split",
+        type=int,
+        nargs=2,
+        default=(1250, 250),
+        metavar=("TRAIN", "VAL"),
+        help="fixed-architecture nets for training and validation (best epoch); the rest are the test split",
+    )
     ap.add_argument("--inr-steps", type=int, default=200)
     ap.add_argument("--inr-variant", default="shared_permuted")
     ap.add_argument("--inr-train", type=int, default=None, help="use only the first N training INRs (CPU budgets)")
@@ -248,6 +280,7 @@ def main():
             2,
             [0],
         )
+        args.zoo_split = (12, 4)
     logging.basicConfig(level=logging.WARNING)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: fit_processor wraps the processors in DDP
         import torch.distributed as dist
@@ -259,25 +292,28 @@ def main():
     tasks = {}
     if "zoo" in args.tasks:
         bar, cb = _bar("digits CNN zoo")
-        z = zoo.digits_cnn_zoo(
-            args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps), group_size=100, progress=cb
-        )
+        z = zoo.digits_cnn_zoo(args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps), progress=cb)
         bar and bar.close()
         fixed = torch.tensor(z.where(part="fixed"))
         perm = fixed[torch.randperm(len(fixed), generator=torch.Generator().manual_seed(0))]
-        h = len(perm) // 2
+        ntr, nva = args.zoo_split
+        if ntr + nva >= len(perm):
+            raise SystemExit(f"--zoo-split {ntr} {nva} leaves no test nets out of {len(perm)} fixed-architecture nets")
         tasks["zoo"] = Task(
             "zoo",
             z.select(perm.tolist()),
             z.select(perm.tolist()).targets("test_accuracy"),
             "regression",
-            list(range(h)),
-            list(range(h, len(perm))),
+            list(range(ntr)),
+            list(range(ntr + nva, len(perm))),
+            val_idx=list(range(ntr, ntr + nva)),
         )
         acc = tasks["zoo"].y
         print(
-            f"zoo: {len(z)} nets ({len(fixed)} fixed-architecture), test accuracy q0/q25/q50/q75/q100 = "
-            f"{[round(float(v), 3) for v in torch.quantile(acc, torch.tensor([0, 0.25, 0.5, 0.75, 1.0]))]}; split {h}/{len(perm) - h}"  # noqa: E501
+            f"zoo: {len(z)} nets ({len(fixed)} fixed-architecture), test accuracy q0/q10/q25/q50/q75/q90/q100 = "
+            f"{[round(float(v), 3) for v in torch.quantile(acc, torch.tensor([0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]))]}; "
+            f"split {ntr} train / {nva} validation / {len(perm) - ntr - nva} test",
+            flush=True,
         )
     if "inr" in args.tasks:
         bar, cb = _bar("digits INRs")
@@ -319,12 +355,12 @@ def main():
                 print(
                     f"  {tname:4s} {name:22s} seed {s}: {sc:.3f} ({time.perf_counter() - t0:.0f}s; {note})", flush=True
                 )
-            thr = throughput(task, name, args) if scores else None
+            thr = throughput(task, name, args) if scores and name != "StatNN-GBT" else None
             results[(tname, name)] = (scores, notes, thr)
     if args.mixed and "zoo" in tasks:
         z = tasks["zoo"].z
         # all nets of the full zoo, fixed split: the graph processor on mixed architectures
-        zall = zoo.digits_cnn_zoo(args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps), group_size=100)
+        zall = zoo.digits_cnn_zoo(args.zoo_models, args.zoo_mixed, seed=0, steps=tuple(args.zoo_steps))
         perm = torch.randperm(len(zall), generator=torch.Generator().manual_seed(0)).tolist()
         zz = zall.select(perm)
         h = len(perm) // 2

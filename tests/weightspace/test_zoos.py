@@ -189,3 +189,37 @@ def test_inrs_fit_their_digits_and_variants(inrs):
     assert not torch.allclose(ind.states[0]["fc.1.weight"], sh.states[0]["fc.1.weight"], atol=1e-2)
     with pytest.raises(zoo.ZooError, match="variant"):
         zoo.digits_inrs("aligned", cache=False)
+
+
+def _train_alone(r, lr):
+    """One digits CNN of zoo row ``r`` trained by itself with torch.optim.AdamW on its own batches."""
+    Xtr, Ytr = zoo.load_digits("train", flat=False)
+    net = zoo.DigitsCNN(r["width"], r["depth"], r["activation"], seed=r["seed"])
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("weight"):
+                p.mul_(r["init_scale"])
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=r["weight_decay"], eps=1e-8)
+    g = torch.Generator().manual_seed(r["seed"] + 1)  # the net's own shuffled epochs
+    B, n = r["batch_size"], Xtr.shape[0]
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-r["steps"] * B // n))])
+    for t in range(r["steps"]):
+        b = order[t * B : (t + 1) * B]
+        opt.zero_grad()
+        F.cross_entropy(net(Xtr[b]), Ytr[b]).backward()
+        opt.step()
+    return net.state_dict()
+
+
+def test_grouped_training_equals_torch_adamw_per_net():
+    # the oracle for the grouped trainer (channels-last grouped convs, matmul pooling, batched AdamW):
+    # each net equals a plain DigitsCNN trained alone by torch.optim.AdamW on the same batches
+    z = zoo.digits_cnn_zoo(n_models=2, n_mixed=2, seed=3, steps=(3, 5), group_size=4, device="cpu", cache=False)
+    assert {r["activation"] for r in z.metadata} == {"relu", "tanh"} or len(z.architectures()) > 1
+    for i in range(len(z)):
+        alone = _train_alone(z.metadata[i], z.metadata[i]["lr"])
+        for k, v in alone.items():
+            torch.testing.assert_close(z.states[i][k], v, rtol=1e-4, atol=1e-5)
+    # negative control: the same protocol with another learning rate does not match
+    other = _train_alone(z.metadata[0], z.metadata[0]["lr"] * 1.5)
+    assert not torch.allclose(other["head.weight"], z.states[0]["head.weight"], rtol=1e-4, atol=1e-5)

@@ -20,7 +20,10 @@ Variants
 
 Both are the basis engine of :mod:`weightspace.nn._basis` restricted to NFN's architectures, with
 NFN's pooling for invariant heads (means over permuted axes, HNP keeping one feature per fixed
-input/output index) -- see :class:`~weightspace.nn.InvariantPool`.
+input/output index) -- see :class:`~weightspace.nn.InvariantPool`. Hence on these architectures
+``NFN(spec, variant="HNP")`` and ``UNF(spec, fixed_axes="dense")`` are the same model (same basis, same
+parameters in the same order, so the same initialisation under one seed); UNF's own default for
+kernels, ``fixed_axes="permuted"`` (Zhou, Finn & Harrison 2024), is a different, smaller model.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ spec feature               how the layer treats it
 =========================  =================================================================
 MLP hidden units           group slots (HNP: inputs/outputs fixed, the true symmetry)
 conv channels              group slots; kernel positions dense (``fixed_axes="dense"``) or
-                           permuted per layer (``"permuted"``, UNF's default, not a symmetry)
+                           permuted per layer (``"permuted"``, the UNF paper's default, not a symmetry)
 flatten ``(c x ~H*W)``     the product axis is split: ``c`` a slot, ``H*W`` dense
 residual groups            one group on many tensors: every pair of them gets its terms
 attention ``(heads x d)``  split into a head slot and a head-dim slot; q/k share a head-dim group
@@ -118,9 +118,9 @@ class UNFLayer(nn.Module):
     spec : a PermutationSpec (keys: :func:`default_keys`) or a WeightSpaceBatch (its spec and keys).
     in_channels, out_channels : channels per weight.
     keys : the processed keys (must equal the batch's keys).
-    fixed_axes : ``"dense"`` (exact group; HNP for MLPs), ``"permuted"`` (every fixed axis permuted too;
-        NP for MLPs, UNF's default for kernels) or ``"io"`` (only the input/output neuron axes
-        permuted; NFN's NP for CNNs).
+    fixed_axes : ``"dense"`` (exact group; HNP for MLPs; the default here), ``"permuted"`` (every fixed
+        axis permuted too; NP for MLPs, the UNF paper's default for kernels) or ``"io"`` (only the
+        input/output neuron axes permuted; NFN's NP for CNNs).
     bias : add the invariant bias.
     bottleneck : factorise each signature's matrix through this many dimensions (None: full).
     """

@@ -158,3 +158,23 @@ def test_families_cuda_match_cpu(family):
         out = eq(batch)
         out_gpu = eq.cuda()(batch.to("cuda"))
         assert all(torch.allclose(out_gpu.tensors[k].cpu(), out.tensors[k], atol=1e-9) for k in out.keys)
+
+
+def test_dense_unf_is_nfn_hnp_on_chain_specs_and_permuted_unf_is_not():
+    # documented in weightspace.nn._nfn: on NFN's architectures UNF(fixed_axes="dense") and NFN-HNP are
+    # one model (same basis, parameters and initialisation); UNF's paper default (kernels permuted) differs
+    from weightspace import zoo
+
+    m = zoo.DigitsCNN(4, 2, seed=0)
+    spec = ws.permutation_spec(m, m.example_input())
+    b = wsnn.WeightSpaceBatch.from_state_dicts([zoo.DigitsCNN(4, 2, seed=s).state_dict() for s in range(3)], spec)
+    kw = dict(hidden_channels=4, num_layers=2, out_features=1)
+    torch.manual_seed(0)
+    hnp = wsnn.NFN(spec, variant="HNP", **kw)
+    torch.manual_seed(0)
+    dense = wsnn.UNF(spec, fixed_axes="dense", **kw)
+    torch.manual_seed(0)
+    permuted = wsnn.UNF(spec, fixed_axes="permuted", **kw)
+    assert torch.equal(hnp(b), dense(b))
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert n(permuted) < n(dense) and not torch.allclose(permuted(b), dense(b))
