@@ -383,6 +383,14 @@ def objective(prob: Problem, perms: Perms, keys: Optional[Sequence[str]] = None)
     return tot
 
 
+def _classes(color: Dict[str, int], order: Sequence[str]) -> List[List[str]]:
+    """The groups of each colour, colours in increasing order, groups in ``order``."""
+    classes: Dict[int, List[str]] = {}
+    for g in order:
+        classes.setdefault(color[g], []).append(g)
+    return [classes[c] for c in sorted(classes)]
+
+
 def color_classes(prob: Problem, order: Sequence[str]) -> List[List[str]]:
     """Greedy colouring of the group graph (edge = the groups share a tensor): groups of one class are
     independent, so their assignments can be solved in one batch."""
@@ -393,10 +401,7 @@ def color_classes(prob: Problem, order: Sequence[str]) -> List[List[str]]:
         while c in used:
             c += 1
         color[g] = c
-    classes: Dict[int, List[str]] = {}
-    for g in order:
-        classes.setdefault(color[g], []).append(g)
-    return [classes[c] for c in sorted(classes)]
+    return _classes(color, order)
 
 
 def color_classes_dsatur(prob: Problem, order: Sequence[str]) -> List[List[str]]:
@@ -415,10 +420,7 @@ def color_classes_dsatur(prob: Problem, order: Sequence[str]) -> List[List[str]]
         while c in used:
             c += 1
         color[g] = c
-    classes: Dict[int, List[str]] = {}
-    for g in order:
-        classes.setdefault(color[g], []).append(g)
-    return [classes[c] for c in sorted(classes)]
+    return _classes(color, order)
 
 
 def _local_np(M: np.ndarray, p: np.ndarray, k: int):
