@@ -63,39 +63,28 @@ def _bar(desc):
 
 
 def make(name, spec, out, hidden, seed, feature_norm=False):
+    """One processor of the table. ``feature_norm`` (the INR runs) standardises the pooled features of the
+    dense equivariant processors before the head (StatNN already standardises its statistics)."""
     torch.manual_seed(seed)
-    if feature_norm and name in ("DWS", "NFN-NP", "NFN-HNP", "NFT", "UNF"):
-        return _make_normed(name, spec, out, hidden)
+    kw = dict(hidden_channels=hidden, num_layers=2, out_features=out)
+    fn = dict(feature_norm=True) if feature_norm else {}
     if name == "FlatMLP":
-        return wsnn.FlatMLP(spec, hidden_channels=hidden, num_layers=2, out_features=out)
+        return wsnn.FlatMLP(spec, **kw)
     if name == "StatNN":
-        return wsnn.StatNN(spec, hidden_channels=hidden, num_layers=2, out_features=out)
+        return wsnn.StatNN(spec, **kw)
     if name == "DWS":
-        return wsnn.DWSNet(spec, hidden_channels=hidden, num_layers=2, out_features=out)
-    if name == "NFN-NP":
-        return wsnn.NFN(spec, hidden_channels=hidden, num_layers=2, out_features=out, variant="NP")
-    if name == "NFN-HNP":
-        return wsnn.NFN(spec, hidden_channels=hidden, num_layers=2, out_features=out, variant="HNP")
+        return wsnn.DWSNet(spec, **kw, **fn)
+    if name in ("NFN-NP", "NFN-HNP"):
+        return wsnn.NFN(spec, variant=name[4:], **kw, **fn)
     if name == "NFT":
-        return wsnn.NFT(spec, hidden_channels=hidden, num_layers=2, out_features=out)
+        return wsnn.NFT(spec, **kw, **fn)
     if name == "UNF":  # UNF's own default, kernel positions permuted (with fixed_axes="dense" it is NFN-HNP exactly)
-        return wsnn.UNF(spec, hidden_channels=hidden, num_layers=2, out_features=out, fixed_axes="permuted")
+        return wsnn.UNF(spec, fixed_axes="permuted", **kw, **fn)
     if name == "GraphProcessor":
         return wsnn.GraphProcessor(out, hidden_channels=2 * hidden, num_layers=3)
     if name == "RelationalTransformer":
         return wsnn.RelationalTransformer(out, hidden_channels=2 * hidden, num_layers=2, num_heads=4)
     raise ValueError(name)
-
-
-def _make_normed(name, spec, out, hidden):
-    """The INR runs' dense equivariant processors: standardised pooled features before the head
-    (``feature_norm=True``; StatNN already standardises its statistics)."""
-    kw = dict(hidden_channels=hidden, num_layers=2, out_features=out, feature_norm=True)
-    if name == "DWS":
-        return wsnn.DWSNet(spec, **kw)
-    if name in ("NFN-NP", "NFN-HNP"):
-        return wsnn.NFN(spec, variant=name[4:], **kw)
-    return {"NFT": wsnn.NFT, "UNF": wsnn.UNF}[name](spec, **kw)
 
 
 class Task:
